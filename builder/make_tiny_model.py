@@ -1,0 +1,152 @@
+"""Write a tiny, randomly initialised SDXL-shaped model folder, offline, in about a second.
+
+The folder has exactly the layout of the real one (``model_files.py``), so the worker loads it
+through the very code that loads ByteDance's weights; only the sizes differ. Tests and machines
+without model-hub access use it. Same arguments, same bytes: every tensor comes from a fixed seed.
+
+Usage: ``python builder/make_tiny_model.py OUT_DIR [--steps 4 [2 ...]]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import model_files  # noqa: E402  (the repo root is not a package)
+
+log = logging.getLogger("make_tiny_model")
+
+# Dimensions that must agree (diffusers' own SDXL test components): cross_attention_dim =
+# hidden(te1) + hidden(te2) = 32 + 32; projection_class_embeddings_input_dim =
+# 6 * addition_time_embed_dim + projection_dim(te2) = 6*8 + 32 = 80; 77 = CLIP's context length.
+TEXT_HIDDEN = 32
+CLIP_CONTEXT = 77
+MERGES = ["c a", "ca t</w>", "d o", "do g</w>", "t h", "th e</w>"]  # only merges of existing tokens
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte-to-character table: the base alphabet of the BPE vocab."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tokenizer(folder: Path, pad_token: str) -> dict[str, int]:
+    """A byte-level CLIP BPE tokenizer in the four files sdxl-base ships; returns its vocab."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    for m in MERGES:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>", "pad_token": pad_token}
+    config = dict(special, tokenizer_class="CLIPTokenizer", model_max_length=CLIP_CONTEXT,
+                  do_lower_case=True, errors="replace", add_prefix_space=False)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return vocab
+
+
+def _save_fp16(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Save weights in fp16, as the real repositories store them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}, str(path),
+              metadata={"format": "pt"})
+
+
+def _unet(seed: int, channels: tuple[int, int]) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=channels, layers_per_block=2, sample_size=16, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=2 * TEXT_HIDDEN, norm_num_groups=1 if channels[0] < 32 else 32)
+
+
+def _text_encoders(out: Path, vocab: dict[str, int]) -> None:
+    common = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                  pad_token_id=vocab["<|endoftext|>"], hidden_size=TEXT_HIDDEN,
+                  intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4,
+                  num_hidden_layers=5, vocab_size=len(vocab), hidden_act="gelu",
+                  projection_dim=TEXT_HIDDEN, max_position_embeddings=CLIP_CONTEXT)
+    for seed, sub, cls in ((0, "text_encoder", CLIPTextModel),
+                           (1, "text_encoder_2", CLIPTextModelWithProjection)):
+        torch.manual_seed(seed)
+        model = cls(CLIPTextConfig(**common))
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        model.config.to_json_file(str(out / sub / "config.json"))
+        _save_fp16(model.state_dict(), out / sub / model_files.TEXT_ENCODER_WEIGHTS)
+
+
+def _vae(out: Path) -> None:
+    torch.manual_seed(0)
+    # 4 blocks -> vae_scale_factor 8, as in SDXL; force_upcast False, as in the fp16-fix VAE.
+    vae = AutoencoderKL(block_out_channels=[8, 8, 16, 16], in_channels=3, out_channels=3,
+                        latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1,
+                        norm_num_groups=8, sample_size=128, scaling_factor=0.13025,
+                        force_upcast=False)
+    vae.save_config(str(out / "vae"))
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()},
+              str(out / "vae" / model_files.VAE_WEIGHTS), metadata={"format": "pt"})
+
+
+def build(out: Path, steps: tuple[int, ...] = (4,), unet_channels: tuple[int, int] = (2, 4)) -> Path:
+    """Write the tiny model folder at ``out`` and return it."""
+    out.mkdir(parents=True, exist_ok=True)
+    # SDXL base ships "leading" spacing; the worker must override it to "trailing" itself.
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                           steps_offset=1, timestep_spacing="leading").save_config(
+        str(out / "scheduler"))
+    vocab = write_tokenizer(out / "tokenizer", "<|endoftext|>")
+    write_tokenizer(out / "tokenizer_2", "!")  # sdxl-base's tokenizer_2 pads with "!"
+    _text_encoders(out, vocab)
+    _vae(out)
+    _unet(0, unet_channels).save_config(str(out / "unet"))
+    for s in steps:  # a different random UNet per checkpoint, so tests can tell them apart
+        _save_fp16(_unet(1000 + s, unet_channels).state_dict(), out / model_files.CHECKPOINTS[s])
+    missing = model_files.missing_files(out, steps)
+    if missing:
+        raise RuntimeError(f"tiny model is missing {missing}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, nargs="+", default=[4],
+                        choices=sorted(model_files.CHECKPOINTS), help="checkpoints to write")
+    parser.add_argument("--unet-channels", type=int, nargs=2, default=[2, 4],
+                        help="UNet block widths (32 64 gives a 2M-parameter UNet)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    build(args.out_dir, tuple(args.steps), tuple(args.unet_channels))
+    log.info("tiny model written to %s", args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

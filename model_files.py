@@ -1,0 +1,93 @@
+"""The model folder's layout: which files the worker loads, and where each comes from.
+
+One place defines the folder that ``builder/download_weights.py`` fills with the real weights,
+that ``builder/make_tiny_model.py`` fills with a tiny random model, and that ``pipeline.py`` loads,
+so all three agree by construction. No torch or diffusers import here.
+
+Layout of ``MODEL_DIR`` (it mirrors the Hugging Face repositories, so the files keep their names):
+
+    scheduler/scheduler_config.json            SDXL base
+    text_encoder/{config.json, model.fp16.safetensors}
+    text_encoder_2/{config.json, model.fp16.safetensors}
+    tokenizer/{vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json}
+    tokenizer_2/ (same four files)
+    unet/config.json                           the architecture only: the weights come from Lightning
+    vae/{config.json, diffusion_pytorch_model.safetensors}     the fp16-fix VAE
+    sdxl_lightning_4step_unet.safetensors      one file per loaded step count
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_NAME = "ByteDance/SDXL-Lightning"
+
+# Pinned revisions: a rebuilt image must contain byte-identical weights, whatever the repos do later.
+BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+BASE_REVISION = "462165984030d82259a11f4367a4eed129e94a7b"
+LIGHTNING_REPO = "ByteDance/SDXL-Lightning"
+LIGHTNING_REVISION = "c9a24f48e1c025556787b0c58dd67a091ece2e44"
+VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
+VAE_REVISION = "207b116dae70ace3637169f1ddd2434b91b3a8cd"
+
+# ByteDance ships one UNet per step count; each must run with exactly that many steps (model card:
+# "always use the correct checkpoint for the corresponding inference steps").
+CHECKPOINTS: dict[int, str] = {
+    1: "sdxl_lightning_1step_unet_x0.safetensors",  # x0-prediction: needs prediction_type="sample"
+    2: "sdxl_lightning_2step_unet.safetensors",
+    4: "sdxl_lightning_4step_unet.safetensors",
+    8: "sdxl_lightning_8step_unet.safetensors",
+}
+X0_PREDICTION_STEPS = frozenset({1})
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+TEXT_ENCODER_WEIGHTS = "model.fp16.safetensors"
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of the model folder: its path in the folder and where to fetch it."""
+
+    path: str
+    repo: str
+    revision: str
+    remote_path: str
+
+
+def base_files() -> list[RemoteFile]:
+    """Files shared by every checkpoint: SDXL base (minus its UNet weights) and the fp16-fix VAE."""
+    files = [RemoteFile("scheduler/scheduler_config.json", BASE_REPO, BASE_REVISION,
+                        "scheduler/scheduler_config.json"),
+             RemoteFile("unet/config.json", BASE_REPO, BASE_REVISION, "unet/config.json")]
+    for sub in ("text_encoder", "text_encoder_2"):
+        for name in ("config.json", TEXT_ENCODER_WEIGHTS):
+            files.append(RemoteFile(f"{sub}/{name}", BASE_REPO, BASE_REVISION, f"{sub}/{name}"))
+    for sub in ("tokenizer", "tokenizer_2"):
+        for name in TOKENIZER_FILES:
+            files.append(RemoteFile(f"{sub}/{name}", BASE_REPO, BASE_REVISION, f"{sub}/{name}"))
+    for name in ("config.json", VAE_WEIGHTS):
+        files.append(RemoteFile(f"vae/{name}", VAE_REPO, VAE_REVISION, name))
+    return files
+
+
+def checkpoint_file(steps: int) -> RemoteFile:
+    """The Lightning UNet checkpoint for ``steps`` denoising steps."""
+    name = CHECKPOINTS[steps]
+    return RemoteFile(name, LIGHTNING_REPO, LIGHTNING_REVISION, name)
+
+
+def required_files(steps: tuple[int, ...]) -> list[RemoteFile]:
+    """Every file the worker needs to serve the given step checkpoints."""
+    return base_files() + [checkpoint_file(s) for s in steps]
+
+
+def missing_files(model_dir: Path, steps: tuple[int, ...]) -> list[str]:
+    """Paths (relative to ``model_dir``) of required files that are absent or empty."""
+    missing = []
+    for f in required_files(steps):
+        p = model_dir / f.path
+        if not p.is_file() or p.stat().st_size == 0:
+            missing.append(f.path)
+    return missing
