@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 # runpod's default level (DEBUG) logs every job's whole output, base64 images included.
@@ -26,6 +27,7 @@ import torch
 
 import encoding
 import model_files
+import model_location
 import pipeline
 from builder import download_weights
 from resolve import Plan, resolve
@@ -47,21 +49,20 @@ class StartupError(RuntimeError):
     """The worker cannot serve: bad settings, no weights, or weights that do not load."""
 
 
-def ensure_weights(settings: Settings) -> None:
+def ensure_weights(model_dir: Path, settings: Settings) -> None:
     """Complete the model folder, fetching missing files if allowed; else explain how."""
-    missing = model_files.missing_files(settings.model_dir, settings.lightning_steps)
+    missing = model_files.missing_files(model_dir, settings.lightning_steps)
     if not missing:
         return
     if not settings.download_missing:
-        raise StartupError(f"model folder {settings.model_dir} is missing {len(missing)} "
-                           f"file(s) ({missing[0]}, ...). {HOW_TO_GET_WEIGHTS}")
-    log.info("model folder %s is incomplete: fetching %d file(s)", settings.model_dir,
-             len(missing))
+        raise StartupError(f"model folder {model_dir} is missing {len(missing)} file(s) "
+                           f"({missing[0]}, ...). {HOW_TO_GET_WEIGHTS}")
+    log.info("model folder %s is incomplete: fetching %d file(s)", model_dir, len(missing))
     try:
-        download_weights.download(settings.model_dir, settings.lightning_steps)
+        download_weights.download(model_dir, settings.lightning_steps)
     except download_weights.DownloadError as exc:
-        raise StartupError(f"model folder {settings.model_dir} is incomplete and the weights "
-                           f"could not be fetched: {exc}. {HOW_TO_GET_WEIGHTS}") from None
+        raise StartupError(f"model folder {model_dir} is incomplete and the weights could not "
+                           f"be fetched: {exc}. {HOW_TO_GET_WEIGHTS}") from None
 
 
 def warm_up(model: pipeline.Model) -> None:
@@ -75,12 +76,14 @@ def warm_up(model: pipeline.Model) -> None:
 def start(settings: Settings) -> pipeline.Model:
     """Weights, load, warm-up, each timed in the log."""
     t0 = time.perf_counter()
-    ensure_weights(settings)
+    model_dir, source = model_location.locate(settings.model_dir, settings.lightning_steps)
+    log.info("model folder: %s (%s)", model_dir, source)
+    ensure_weights(model_dir, settings)
     t1 = time.perf_counter()
     try:
-        model = pipeline.load(settings.model_dir, settings.lightning_steps)
-    except (OSError, ValueError, pipeline.ModelFolderError) as exc:
-        raise StartupError(f"cannot load the model folder {settings.model_dir}: {exc}") from None
+        model = pipeline.load(model_dir, settings.lightning_steps)
+    except pipeline.ModelFolderError as exc:
+        raise StartupError(f"cannot load the model folder {model_dir}: {exc}") from None
     t2 = time.perf_counter()
     if settings.warmup:
         warm_up(model)
@@ -130,7 +133,8 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
              job_id, plan.width, plan.height, plan.steps, len(plan.seeds), plan.seeds[0],
              generated - started, encoded - generated)
     response: dict[str, Any] = {
-        "images": [{"image": uri, "seed": seed} for uri, seed in zip(uris, plan.seeds)],
+        "images": [{"image": uri, "seed": seed}
+                   for uri, seed in zip(uris, plan.seeds, strict=True)],
         "generation_time": round(generated - started, 4),
         "parameters": plan.parameters(),
     }

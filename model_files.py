@@ -11,7 +11,7 @@ Layout of ``MODEL_DIR`` (it mirrors the Hugging Face repositories, so the files 
     text_encoder_2/{config.json, model.fp16.safetensors}
     tokenizer/{vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json}
     tokenizer_2/ (same four files)
-    unet/config.json                           the architecture only: the weights come from Lightning
+    unet/config.json                           architecture only; the weights come from Lightning
     vae/{config.json, diffusion_pytorch_model.safetensors}     the fp16-fix VAE
     sdxl_lightning_4step_unet.safetensors      one file per loaded step count
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 MODEL_NAME = "ByteDance/SDXL-Lightning"
 
-# Pinned revisions: a rebuilt image must contain byte-identical weights, whatever the repos do later.
+# Pinned revisions: a rebuilt image holds byte-identical weights, whatever the repos do later.
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 BASE_REVISION = "462165984030d82259a11f4367a4eed129e94a7b"
 LIGHTNING_REPO = "ByteDance/SDXL-Lightning"

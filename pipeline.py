@@ -29,9 +29,14 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -94,12 +99,20 @@ def scheduler_for(model_dir: Path, steps: int) -> EulerDiscreteScheduler:
 
 def load(model_dir: Path, steps: tuple[int, ...], device: torch.device | None = None,
          dtype: torch.dtype | None = None) -> Model:
-    """Load the model folder for the given step checkpoints."""
+    """Load the model folder for the given step checkpoints; ``ModelFolderError`` if it can't."""
     if device is None or dtype is None:
         device, dtype = default_device()
     missing = model_files.missing_files(model_dir, steps)
     if missing:
         raise ModelFolderError(f"model folder {model_dir} is missing {', '.join(missing)}")
+    try:
+        return _load(model_dir, steps, device, dtype)
+    except (SafetensorError, OSError, ValueError) as exc:  # unreadable, corrupt or mismatched
+        raise ModelFolderError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _load(model_dir: Path, steps: tuple[int, ...], device: torch.device,
+          dtype: torch.dtype) -> Model:
     shared = dict(
         tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(model_dir / "tokenizer_2"),

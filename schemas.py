@@ -11,10 +11,9 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      field_validator)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 import model_files
 
@@ -133,22 +132,20 @@ def _parse_bool(name: str, text: str) -> bool:
     raise ValueError(f"{name}={text!r} is invalid: use true or false")
 
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "sdxl-lightning"
-
-
 class Settings(BaseModel):
     """Worker settings, read once at start from environment variables."""
 
     model_config = ConfigDict(frozen=True)
 
-    model_dir: Path = DEFAULT_MODEL_DIR
+    model_dir: Path | None = None  # None: search the locations in model_location.py
     lightning_steps: tuple[int, ...] = (4,)
     warmup: bool = True
     download_missing: bool = True
 
     # Environment variable -> field. The README and hub.json list exactly these.
-    ENV: Mapping[str, str] = {"MODEL_DIR": "model_dir", "LIGHTNING_STEPS": "lightning_steps",
-                              "WARMUP": "warmup", "DOWNLOAD_MISSING_WEIGHTS": "download_missing"}
+    ENV: ClassVar[Mapping[str, str]] = {
+        "MODEL_DIR": "model_dir", "LIGHTNING_STEPS": "lightning_steps", "WARMUP": "warmup",
+        "DOWNLOAD_MISSING_WEIGHTS": "download_missing"}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:

@@ -43,7 +43,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=False))
 
 
 def write_tokenizer(folder: Path, pad_token: str) -> dict[str, int]:
@@ -114,7 +114,8 @@ def _vae(out: Path) -> None:
               str(out / "vae" / model_files.VAE_WEIGHTS), metadata={"format": "pt"})
 
 
-def build(out: Path, steps: tuple[int, ...] = (4,), unet_channels: tuple[int, int] = (2, 4)) -> Path:
+def build(out: Path, steps: tuple[int, ...] = (4,),
+          unet_channels: tuple[int, int] = (2, 4)) -> Path:
     """Write the tiny model folder at ``out`` and return it."""
     out.mkdir(parents=True, exist_ok=True)
     # SDXL base ships "leading" spacing; the worker must override it to "trailing" itself.

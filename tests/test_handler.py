@@ -1,0 +1,175 @@
+"""The RunPod adapter end to end on the tiny model: responses, errors, and the runpod SDK paths.
+
+``import handler`` loads and warms the tiny model that conftest built, exactly as the worker
+loads the real one at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from runpod.serverless.modules import rp_fastapi, rp_job
+
+import handler
+import pipeline
+
+
+def run(**fields: Any) -> dict[str, Any]:
+    return handler.handler({"id": "test-job", "input": {"prompt": "a red fox", **fields}})
+
+
+def decode(uri: str) -> Image.Image:
+    match = re.fullmatch(r"data:image/png;base64,([A-Za-z0-9+/=]+)", uri)
+    assert match, uri[:64]
+    data = base64.b64decode(match.group(1), validate=True)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    return Image.open(io.BytesIO(data))
+
+
+def pixels(response: dict[str, Any]) -> list[np.ndarray]:
+    return [np.asarray(decode(item["image"]), dtype=np.int16) for item in response["images"]]
+
+
+class TestResponse:
+    def test_shape_of_a_successful_response(self) -> None:
+        response = run(width=512, height=512, seed=1337)
+        assert set(response) == {"images", "generation_time", "parameters"}
+        assert [item["seed"] for item in response["images"]] == [1337]
+        assert isinstance(response["generation_time"], float)
+        assert response["generation_time"] > 0
+        assert response["parameters"] == {
+            "prompt": "a red fox", "negative_prompt": None, "width": 512, "height": 512,
+            "num_inference_steps": 4, "guidance_scale": 0.0, "seed": 1337, "num_images": 1,
+            "model": "ByteDance/SDXL-Lightning",
+            "checkpoint": "sdxl_lightning_4step_unet.safetensors"}
+
+    @pytest.mark.parametrize(("width", "height"), [(512, 512), (768, 512), (512, 1000)])
+    def test_png_data_uri_decodes_to_exactly_width_by_height(self, width: int,
+                                                             height: int) -> None:
+        image = decode(run(width=width, height=height, seed=1)["images"][0]["image"])
+        assert image.format == "PNG" and image.mode == "RGB"
+        assert image.size == (width, height)
+
+    def test_default_size_is_1024(self) -> None:
+        assert decode(run(seed=2)["images"][0]["image"]).size == (1024, 1024)
+
+    def test_batch_reports_seed_plus_i_per_image(self) -> None:
+        response = run(width=512, height=512, seed=100, num_images=3)
+        assert [item["seed"] for item in response["images"]] == [100, 101, 102]
+        assert response["parameters"]["num_images"] == 3
+
+    def test_warnings_say_what_changed(self) -> None:
+        response = run(width=1001, height=200, num_inference_steps=8, negative_prompt="x",
+                       seed=1)
+        assert response["warnings"] == [
+            "width 1001 was snapped to 1000 (a multiple of 8)",
+            "height 200 was clamped to 512 (allowed 512-1536)",
+            "num_inference_steps 8 was resolved to 4: each Lightning checkpoint runs only its "
+            "own step count (loaded: 4)",
+            "negative_prompt was ignored: it only takes effect with guidance_scale > 1 "
+            "(Lightning is distilled for 0)"]
+        assert decode(response["images"][0]["image"]).size == (1000, 512)
+        assert response["parameters"]["negative_prompt"] is None
+
+    def test_long_prompt_is_reported_as_truncated(self) -> None:
+        response = run(prompt="a cat sitting on a mat " * 30, width=512, height=512, seed=1)
+        assert any(re.fullmatch(r"prompt is \d+ CLIP tokens; only the first 77 were used", w)
+                   for w in response["warnings"])
+
+
+class TestSeeds:
+    def test_same_seed_same_image(self) -> None:
+        first = pixels(run(width=512, height=512, seed=9))
+        second = pixels(run(width=512, height=512, seed=9))
+        assert np.array_equal(first[0], second[0])
+
+    def test_null_seed_is_reported_and_reproduces_the_image(self) -> None:
+        drawn = run(width=512, height=512)
+        seed = drawn["images"][0]["seed"]
+        assert drawn["parameters"]["seed"] == seed and 0 <= seed < 2**32
+        again = run(width=512, height=512, seed=seed)
+        assert np.array_equal(pixels(drawn)[0], pixels(again)[0])
+
+    def test_batch_equals_single_runs_with_seed_plus_i(self) -> None:
+        batch = pixels(run(width=512, height=512, seed=500, num_images=4))
+        for i, image in enumerate(batch):
+            single = pixels(run(width=512, height=512, seed=500 + i))[0]
+            assert np.abs(image - single).max() <= 1, f"image {i}"
+
+
+class TestErrors:
+    @pytest.mark.parametrize("job_input", [
+        {"prompt": ""}, {"prompt": "p", "num_images": 9}, {"prompt": "p", "seed": -1},
+        {"prompt": "p", "guidance_scale": 21}, {"prompt": "p", "steps": 4}, {"width": 512},
+        {"prompt": "p", "width": True}])
+    def test_bad_input_is_one_error_string(self, job_input: dict[str, Any]) -> None:
+        response = handler.handler({"id": "bad", "input": job_input})
+        assert set(response) == {"error"}
+        assert isinstance(response["error"], str)
+        assert response["error"].startswith("invalid input: ")
+        assert "Traceback" not in response["error"]
+
+    @pytest.mark.parametrize("job", [{}, {"id": "x"}, {"id": "x", "input": None},
+                                     {"id": "x", "input": "a cat"}, {"id": "x", "input": [1]}])
+    def test_malformed_jobs_do_not_raise(self, job: dict[str, Any]) -> None:
+        assert "expected a JSON object" in handler.handler(job)["error"]
+
+    def test_internal_failure_is_a_short_error_and_the_worker_serves_on(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("secret internal detail")
+
+        monkeypatch.setattr(pipeline, "generate", broken)
+        response = run(width=512, height=512)
+        assert response == {"error": "internal error: RuntimeError", "refresh_worker": True}
+        monkeypatch.undo()
+        assert "images" in run(width=512, height=512)
+
+    def test_worker_serves_after_a_bad_input(self) -> None:
+        assert "error" in run(num_images=0)
+        assert len(run(width=512, height=512, seed=3)["images"]) == 1
+
+
+class TestRunpodSdk:
+    """What the platform receives, through runpod's own job runner and local API server."""
+
+    def test_run_job_wraps_output(self) -> None:
+        result = asyncio.run(rp_job.run_job(handler.handler, {
+            "id": "sdk", "input": {"prompt": "p", "width": 512, "height": 512, "seed": 4}}))
+        assert set(result) == {"output"}
+        assert result["output"]["images"][0]["seed"] == 4
+
+    def test_run_job_reports_validation_error_as_string(self) -> None:
+        result = asyncio.run(rp_job.run_job(handler.handler, {"id": "sdk", "input": {"x": 1}}))
+        assert isinstance(result["error"], str) and "unknown field 'x'" in result["error"]
+
+    def test_internal_error_asks_runpod_to_refresh_the_worker(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(pipeline, "generate", lambda *a, **k: 1 / 0)
+        result = asyncio.run(rp_job.run_job(handler.handler, {
+            "id": "sdk", "input": {"prompt": "p", "width": 512, "height": 512}}))
+        assert result["error"] == "internal error: ZeroDivisionError"
+        assert result["stopPod"] is True
+
+    def test_local_runsync_answers(self) -> None:
+        client = TestClient(rp_fastapi.WorkerAPI({"handler": handler.handler}).rp_app)
+        body = client.post("/runsync", json={"input": {"prompt": "p", "width": 512,
+                                                       "height": 512, "seed": 8}})
+        assert body.status_code == 200
+        payload = body.json()
+        assert payload["status"] == "COMPLETED"
+        assert decode(payload["output"]["images"][0]["image"]).size == (512, 512)
+
+    def test_local_runsync_reports_bad_input(self) -> None:
+        client = TestClient(rp_fastapi.WorkerAPI({"handler": handler.handler}).rp_app)
+        payload = client.post("/runsync", json={"input": {"prompt": "p", "seed": "x"}}).json()
+        assert payload["status"] == "FAILED"
+        assert payload["error"].startswith("invalid input: seed='x'")
