@@ -1,0 +1,382 @@
+"""Bucket upload: configuration parsing, object keys, and uploads to a real loopback S3.
+
+The S3 is moto's server on 127.0.0.1 with IAM auth enforced (see ``s3_server.py``), so bad
+credentials are rejected by the server, not by a stub. Retries are tested through a loopback
+proxy that answers 500/503 or drops the connection on demand. Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import urllib.request
+from collections.abc import Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from s3_server import ALLOW, READ_ONLY, TIMEOUT_S, FlakyProxy, MotoS3
+
+import upload
+from upload import Bucket, Uploader, UploadError, bucket_from_env, bucket_from_s3_config
+
+BUCKET = "images"
+SECRET_ENV = {"BUCKET_ENDPOINT_URL": "http://127.0.0.1:9000/my-bucket",
+              "BUCKET_ACCESS_KEY_ID": "AKIAENVKEYID0000", "BUCKET_SECRET_ACCESS_KEY": "env-s3cr3t"}
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+
+
+# --- loopback servers, started once per module -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[MotoS3]:
+    server = MotoS3()
+    try:
+        server.client("s3").create_bucket(Bucket=BUCKET)
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def keys(s3: MotoS3) -> dict[str, tuple[str, str]]:
+    """IAM users made while auth is off; auth is enforced from here on."""
+    users = {"writer": s3.create_user("writer", ALLOW),
+             "reader": s3.create_user("reader", READ_ONLY)}
+    s3.enforce_auth()
+    return users
+
+
+@pytest.fixture(scope="module")
+def bucket(s3: MotoS3, keys: dict[str, tuple[str, str]]) -> Bucket:
+    key_id, secret = keys["writer"]
+    return bucket_from_env({"BUCKET_ENDPOINT_URL": f"{s3.endpoint}/{BUCKET}",
+                            "BUCKET_ACCESS_KEY_ID": key_id, "BUCKET_SECRET_ACCESS_KEY": secret})
+
+
+@pytest.fixture(scope="module")
+def proxy(s3: MotoS3) -> Iterator[FlakyProxy]:
+    server = FlakyProxy(s3.port)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def uploader() -> Uploader:
+    return Uploader(backoff_s=0)
+
+
+def fetch(s3: MotoS3, url: str) -> tuple[bytes, str]:
+    with s3.auth_off(), urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+        return response.read(), response.headers["Content-Type"]
+
+
+def with_endpoint(bucket: Bucket, endpoint: str, **changes: str) -> Bucket:
+    return Bucket(**{**vars(bucket), "endpoint_url": endpoint, **changes})
+
+
+def failure(uploader: Uploader, bucket: Bucket) -> UploadError:
+    with pytest.raises(UploadError) as info:
+        uploader.upload(bucket, upload.object_key("job", 0, ".png"), PNG, "image/png")
+    return info.value
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+class TestBucketFromEnv:
+    def test_nothing_set_means_no_bucket(self) -> None:
+        assert bucket_from_env({}) is None
+        assert bucket_from_env({key: " " for key in upload.ENV_KEYS}) is None
+
+    def test_path_style_url_names_the_bucket(self) -> None:
+        bucket = bucket_from_env(SECRET_ENV)
+        assert (bucket.endpoint_url, bucket.bucket_name) == ("http://127.0.0.1:9000", "my-bucket")
+        assert bucket.path_style and bucket.region is None
+        assert (bucket.access_key_id, bucket.secret_access_key) == ("AKIAENVKEYID0000",
+                                                                    "env-s3cr3t")
+
+    @pytest.mark.parametrize(("url", "endpoint", "region"), [
+        ("https://my-bucket.s3.us-east-1.amazonaws.com", "https://s3.us-east-1.amazonaws.com",
+         "us-east-1"),
+        ("https://my.dotted.bucket.s3.eu-west-1.amazonaws.com/",
+         "https://s3.eu-west-1.amazonaws.com", "eu-west-1"),
+        ("https://my-bucket.s3.amazonaws.com", "https://s3.amazonaws.com", None),
+        ("https://my-bucket.s3-us-west-2.amazonaws.com", "https://s3-us-west-2.amazonaws.com",
+         "us-west-2"),
+    ])
+    def test_virtual_hosted_url_names_the_bucket(self, url: str, endpoint: str,
+                                                 region: str | None) -> None:
+        bucket = bucket_from_env({**SECRET_ENV, "BUCKET_ENDPOINT_URL": url})
+        assert (bucket.endpoint_url, bucket.region, bucket.path_style) == (endpoint, region, False)
+        assert bucket.bucket_name == urlsplit(url).hostname.split(".s3")[0]
+
+    def test_bucket_name_with_a_bare_endpoint(self) -> None:
+        env = {**SECRET_ENV, "BUCKET_ENDPOINT_URL": "https://acct.r2.cloudflarestorage.com",
+               "BUCKET_NAME": "renders"}
+        bucket = bucket_from_env(env)
+        assert (bucket.endpoint_url, bucket.bucket_name) == ("https://acct.r2.cloudflarestorage.com",
+                                                             "renders")
+
+    def test_bucket_name_overrides_the_url(self, caplog: pytest.LogCaptureFixture) -> None:
+        bucket = bucket_from_env({**SECRET_ENV, "BUCKET_NAME": "other"})
+        assert (bucket.endpoint_url, bucket.bucket_name) == ("http://127.0.0.1:9000", "other")
+        assert "using other" in caplog.text
+
+    def test_bucket_name_strips_a_virtual_host_of_another_provider(self) -> None:
+        env = {**SECRET_ENV, "BUCKET_ENDPOINT_URL": "https://renders.nyc3.digitaloceanspaces.com",
+               "BUCKET_NAME": "renders"}
+        assert bucket_from_env(env).endpoint_url == "https://nyc3.digitaloceanspaces.com"
+
+    @pytest.mark.parametrize("present", [
+        ("BUCKET_ENDPOINT_URL",), ("BUCKET_ACCESS_KEY_ID",), ("BUCKET_SECRET_ACCESS_KEY",),
+        ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID"),
+        ("BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY"),
+    ])
+    def test_incomplete_names_what_is_missing_and_no_value(self, present: tuple[str, ...]) -> None:
+        with pytest.raises(ValueError, match="half configured") as info:
+            bucket_from_env({key: SECRET_ENV[key] for key in present})
+        message = str(info.value)
+        named = re.search(r"half configured: (.*?) (?:is|are) not set", message)[1]
+        assert named.split(", ") == [key for key in upload.ENV_KEYS[:3] if key not in present]
+        assert not any(value in message for value in SECRET_ENV.values())
+
+    def test_bucket_name_alone_is_incomplete(self) -> None:
+        with pytest.raises(ValueError, match="BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, "
+                                             "BUCKET_SECRET_ACCESS_KEY are not set"):
+            bucket_from_env({"BUCKET_NAME": "renders"})
+
+    def test_no_bucket_anywhere_asks_for_bucket_name(self) -> None:
+        with pytest.raises(ValueError, match="set BUCKET_NAME"):
+            bucket_from_env({**SECRET_ENV, "BUCKET_ENDPOINT_URL": "https://minio.example.com"})
+
+    @pytest.mark.parametrize("url", [
+        "ftp://host/bucket", "not a url", "https://user:pw@host/bucket", "http://host/b/extra",
+        "http://host/bucket?x=1",
+    ])
+    def test_bad_urls_are_rejected_without_echoing_them(self, url: str) -> None:
+        with pytest.raises(ValueError, match="BUCKET_ENDPOINT_URL") as info:
+            bucket_from_env({**SECRET_ENV, "BUCKET_ENDPOINT_URL": url})
+        assert url not in str(info.value) and "pw" not in str(info.value)
+
+    def test_invalid_bucket_name(self) -> None:
+        with pytest.raises(ValueError, match="bucket name"):
+            bucket_from_env({**SECRET_ENV, "BUCKET_NAME": "a b"})
+
+
+class TestBucketFromS3Config:
+    GOOD = {"accessId": "AKIAJOBKEY", "accessSecret": "job-s3cr3t", "bucketName": "renders",
+            "endpointUrl": "https://renders.s3.us-east-2.amazonaws.com"}
+
+    def test_good_config(self) -> None:
+        bucket = bucket_from_s3_config(self.GOOD)
+        assert bucket == Bucket("https://s3.us-east-2.amazonaws.com", "AKIAJOBKEY", "job-s3cr3t",
+                                "renders", "us-east-2")
+
+    def test_path_style_endpoint(self) -> None:
+        bucket = bucket_from_s3_config({**self.GOOD, "endpointUrl": "http://127.0.0.1:9000"})
+        assert (bucket.endpoint_url, bucket.bucket_name) == ("http://127.0.0.1:9000", "renders")
+
+    def test_missing_keys_are_named(self) -> None:
+        cfg = {"accessSecret": "job-s3cr3t", "bucketName": "", "endpointUrl": "http://h:1"}
+        with pytest.raises(ValueError, match="missing: accessId, bucketName") as info:
+            bucket_from_s3_config(cfg)
+        assert "job-s3cr3t" not in str(info.value)
+
+    def test_wrong_types_are_named_without_values(self) -> None:
+        cfg = {**self.GOOD, "accessSecret": 12345678, "endpointUrl": ["x"], "accessId": "  "}
+        with pytest.raises(ValueError) as info:
+            bucket_from_s3_config(cfg)
+        message = str(info.value)
+        assert "not strings: accessSecret (int), endpointUrl (list)" in message
+        assert "blank: accessId" in message and "12345678" not in message
+
+    @pytest.mark.parametrize("cfg", [None, "s3://x", ["accessId"]])
+    def test_not_an_object(self, cfg: object) -> None:
+        with pytest.raises(ValueError, match="s3Config must be an object"):
+            bucket_from_s3_config(cfg)
+
+
+class TestSecretsStayHidden:
+    def test_repr_and_str_mask_both_keys(self) -> None:
+        bucket = bucket_from_env(SECRET_ENV)
+        for text in (repr(bucket), str(bucket), f"{bucket}", repr([bucket])):
+            assert "env-s3cr3t" not in text and "AKIAENVKEYID0000" not in text
+            assert "my-bucket" in text and "***" in text
+
+
+class TestObjectKey:
+    def test_shape_and_uniqueness(self) -> None:
+        keys = {upload.object_key("sync-1234-abcd", 0, ".png") for _ in range(50)}
+        assert len(keys) == 50
+        assert all(re.fullmatch(r"sync-1234-abcd/0-[0-9a-f]{8}\.png", key) for key in keys)
+
+    @pytest.mark.parametrize(("job_id", "prefix"), [
+        ("../../etc/passwd", "etc_passwd/"), ("a b?c#d", "a_b_c_d/"), ("", "job/"), ("..", "job/"),
+    ])
+    def test_job_id_is_sanitised(self, job_id: str, prefix: str) -> None:
+        key = upload.object_key(job_id, 2, "webp")
+        assert key.startswith(prefix) and key.count("/") == 1 and key.endswith(".webp")
+
+    @pytest.mark.parametrize("ext", [".p/ng", "", ".verylongextension", ". png"])
+    def test_bad_extension(self, ext: str) -> None:
+        with pytest.raises(ValueError, match="ext="):
+            upload.object_key("job", 0, ext)
+
+
+class TestClassify:
+    @staticmethod
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    @pytest.mark.parametrize(("code", "status", "kind"), [
+        ("SlowDown", 503, "transient"), ("Throttling", 400, "transient"),
+        ("RequestTimeout", 400, "transient"), ("", 502, "transient"),
+        ("Whatever", 429, "transient"),
+        ("InvalidAccessKeyId", 403, "credentials"), ("SignatureDoesNotMatch", 403, "credentials"),
+        ("AccessDenied", 403, "denied"), ("NoSuchBucket", 404, "no-bucket"),
+        ("InvalidArgument", 400, "permanent"),
+    ])
+    def test_client_errors(self, code: str, status: int, kind: str) -> None:
+        assert upload._classify(self.client_error(code, status))[0] == kind
+
+    def test_network_errors_are_transient(self) -> None:
+        for exc in (EndpointConnectionError(endpoint_url="http://x"),
+                    ReadTimeoutError(endpoint_url="http://x")):
+            assert upload._classify(exc) == ("transient", type(exc).__name__)
+
+    def test_bad_settings(self) -> None:
+        for kwargs in ({"attempts": 0}, {"expiry_s": 604_801}, {"expiry_s": 0}):
+            with pytest.raises(ValueError):
+                Uploader(**kwargs)
+
+
+# --- uploads against the loopback S3 ------------------------------------------------------------
+
+class TestUpload:
+    def test_url_serves_the_exact_bytes_and_type(self, s3: MotoS3, bucket: Bucket,
+                                                 uploader: Uploader) -> None:
+        key = upload.object_key("job-1", 0, ".png")
+        url = uploader.upload(bucket, key, PNG, "image/png")
+        parts = urlsplit(url)
+        assert f"{parts.scheme}://{parts.netloc}" == s3.endpoint
+        assert parts.path == f"/{BUCKET}/{key}"
+        query = parse_qs(parts.query)
+        assert query["X-Amz-Expires"] == ["604800"] and query["X-Amz-Signature"]
+        assert fetch(s3, url) == (PNG, "image/png")
+
+    def test_each_call_gets_its_own_key_and_object(self, s3: MotoS3, bucket: Bucket,
+                                                   uploader: Uploader) -> None:
+        urls = [uploader.upload(bucket, upload.object_key("job-2", i % 2, ".jpg"), bytes([i]) * 9,
+                                "image/jpeg") for i in range(4)]
+        assert len({urlsplit(url).path for url in urls}) == 4
+        assert [fetch(s3, url) for url in urls] == [(bytes([i]) * 9, "image/jpeg")
+                                                     for i in range(4)]
+
+    def test_expiry_is_configurable(self, bucket: Bucket) -> None:
+        url = Uploader(expiry_s=3600).upload(bucket, "k/1.png", PNG, "image/png")
+        assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["3600"]
+
+    def test_one_client_per_bucket(self, bucket: Bucket, uploader: Uploader) -> None:
+        other = with_endpoint(bucket, bucket.endpoint_url, bucket_name="other-bucket")
+        assert uploader.client(bucket) is uploader.client(bucket)
+        assert uploader.client(other) is not uploader.client(bucket)
+
+    def test_unknown_key_id_is_a_clear_credentials_error(self, bucket: Bucket,
+                                                          uploader: Uploader) -> None:
+        bad = with_endpoint(bucket, bucket.endpoint_url, access_key_id="AKIANOSUCHKEY0000000")
+        error = failure(uploader, bad)
+        assert str(error) == ("bucket upload failed: the bucket rejected the credentials "
+                              "(InvalidAccessKeyId)")
+        assert error.code == "InvalidAccessKeyId"
+
+    def test_wrong_secret_is_a_clear_credentials_error(self, bucket: Bucket,
+                                                        uploader: Uploader) -> None:
+        bad = with_endpoint(bucket, bucket.endpoint_url, secret_access_key="wrong-s3cr3t")
+        error = failure(uploader, bad)
+        assert "rejected the credentials (SignatureDoesNotMatch)" in str(error)
+        assert "wrong-s3cr3t" not in str(error) and bucket.access_key_id not in str(error)
+
+    def test_read_only_user_is_denied(self, bucket: Bucket, uploader: Uploader,
+                                      keys: dict[str, tuple[str, str]]) -> None:
+        key_id, secret = keys["reader"]
+        reader = with_endpoint(bucket, bucket.endpoint_url, access_key_id=key_id,
+                               secret_access_key=secret)
+        error = failure(uploader, reader)
+        assert str(error) == ("bucket upload failed: the credentials may not write to bucket "
+                              f"'{BUCKET}' (AccessDenied)")
+        assert secret not in str(error) and key_id not in str(error)
+
+    def test_wrong_bucket_is_named(self, bucket: Bucket, uploader: Uploader) -> None:
+        missing = with_endpoint(bucket, bucket.endpoint_url, bucket_name="no-such-bucket")
+        assert str(failure(uploader, missing)) == ("bucket upload failed: bucket 'no-such-bucket' "
+                                                   "does not exist at the endpoint (NoSuchBucket)")
+
+    def test_logs_name_bucket_and_key_but_no_credential(self, bucket: Bucket, uploader: Uploader,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.INFO)  # the worker's level, for every logger
+        caplog.set_level(logging.DEBUG, logger="upload")
+        url = uploader.upload(bucket, "job-3/0-aaaaaaaa.png", PNG, "image/png")
+        bad = with_endpoint(bucket, bucket.endpoint_url, secret_access_key="wrong-s3cr3t")
+        failure(uploader, bad)
+        assert f"bucket {BUCKET} key job-3/0-aaaaaaaa.png" in caplog.text
+        assert "SignatureDoesNotMatch" in caplog.text
+        for secret in (bucket.access_key_id, bucket.secret_access_key, "wrong-s3cr3t",
+                       parse_qs(urlsplit(url).query)["X-Amz-Signature"][0]):
+            assert secret not in caplog.text
+
+    def test_secret_is_absent_even_from_botocore_debug_logs(
+            self, bucket: Bucket, caplog: pytest.LogCaptureFixture) -> None:
+        # The access key id does appear there (Authorization headers): hence INFO in production.
+        caplog.set_level(logging.DEBUG)
+        Uploader().upload(bucket, "job-4/0-bbbbbbbb.png", PNG, "image/png")
+        assert "bbbbbbbb" in caplog.text and bucket.secret_access_key not in caplog.text
+
+
+class TestRetries:
+    """Through the flaky proxy; botocore's own retries off, so each failure reaches Uploader."""
+
+    @pytest.fixture
+    def flaky(self, bucket: Bucket, proxy: FlakyProxy) -> Bucket:
+        return with_endpoint(bucket, proxy.endpoint)
+
+    def test_transient_failures_are_retried_then_succeed(self, s3: MotoS3, flaky: Bucket,
+                                                         proxy: FlakyProxy) -> None:
+        proxy.fail("500", "drop", "503")
+        delays: list[float] = []
+        uploader = Uploader(attempts=4, client_retries=0, backoff_s=0.5, sleep=delays.append)
+        url = uploader.upload(flaky, "job-5/0-cccccccc.png", PNG, "image/png")
+        assert proxy.requests == {"PUT": 4}
+        assert delays == [0.5, 1.0, 2.0]  # exponential, recorded rather than slept
+        assert fetch(s3, url) == (PNG, "image/png")
+
+    def test_persistent_failure_gives_up_after_n_attempts(self, flaky: Bucket,
+                                                          proxy: FlakyProxy) -> None:
+        proxy.fail(*["500"] * 10)
+        error = failure(Uploader(attempts=3, client_retries=0, backoff_s=0), flaky)
+        assert proxy.requests == {"PUT": 3}
+        assert str(error) == (f"bucket upload to '{BUCKET}' failed after 3 attempt(s) "
+                              f"(InternalError)")
+        assert flaky.secret_access_key not in str(error)
+
+    def test_botocore_retries_come_first(self, flaky: Bucket, proxy: FlakyProxy) -> None:
+        proxy.fail("503", "503")
+        Uploader(attempts=1, client_retries=2, backoff_s=0).upload(flaky, "k/2.png", PNG,
+                                                                   "image/png")
+        assert proxy.requests == {"PUT": 3}
+
+    def test_credential_errors_are_not_retried(self, flaky: Bucket, proxy: FlakyProxy) -> None:
+        proxy.fail()
+        bad = with_endpoint(flaky, flaky.endpoint_url, secret_access_key="wrong-s3cr3t")
+        failure(Uploader(backoff_s=0), bad)  # default botocore retries too
+        assert proxy.requests == {"PUT": 1}
+
+    def test_unreachable_endpoint(self, bucket: Bucket) -> None:
+        closed = FlakyProxy(1)  # bind a free port, then close it: nothing listens there
+        closed.close()
+        gone = with_endpoint(bucket, closed.endpoint)
+        error = failure(Uploader(attempts=2, client_retries=0, backoff_s=0,
+                                 connect_timeout_s=2), gone)
+        assert "failed after 2 attempt(s) (EndpointConnectionError)" in str(error)
