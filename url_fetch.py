@@ -1,0 +1,309 @@
+"""Fetches a caller-supplied URL without letting the caller reach the worker's own network (SSRF).
+
+Owns: the address policy (``blocked_reason``), resolving and dialling once (``Resolver``,
+``Opener``), TLS, redirects, the whole-download deadline and byte cap (``FetchLimits``), and the
+short, safe message fragments (sizes, values, exceptions) its callers reuse.
+
+The host is resolved once; every address must be public unless ``allow_private`` (loopback,
+RFC 1918, link-local incl. cloud metadata, CGNAT, multicast, reserved, IPv4 embedded in IPv6...);
+the connection goes to a checked address (no second lookup: DNS rebinding) with the original
+Host header, SNI and certificate check; redirects are followed by hand and re-checked. The body
+must be an image (Content-Type image/*, binary or none). Errors (``FetchError``) name the origin
+and logs the host, never a path or query (they may hold tokens) nor the body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+log = logging.getLogger("worker.url_fetch")
+
+MB = 1024 * 1024
+CHUNK = 64 * 1024
+MAX_URL_CHARS = 8192
+Resolver = Callable[[str, int], Sequence[str]]  # (host, port) -> IP addresses
+Opener = Callable[[str, int, float], socket.socket]  # (IP address, port, timeout) -> connected
+
+_REDIRECTS = {301, 302, 303, 307, 308}
+_BINARY_TYPES = {"application/octet-stream", "binary/octet-stream"}
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# Not global, yet ``is_global`` says so on some Python versions.
+_SPECIAL = tuple(ipaddress.ip_network(net) for net in ("192.0.0.0/24", "64:ff9b:1::/48"))
+
+
+class FetchError(ValueError):
+    """Why the URL could not be fetched: caller-facing, naming the origin, never the path."""
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    max_bytes: int = 20 * MB
+    timeout_s: float = 10.0  # the whole fetch, redirects included, not per read
+    max_redirects: int = 3
+    allow_http: bool = False
+    allow_private: bool = False
+    accept: tuple[str, ...] = ("image/jpeg", "image/png", "image/webp")  # the Accept header
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1 or self.timeout_s <= 0 or self.max_redirects < 0:
+            raise ValueError(f"invalid {self}")
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every address the system resolver gives for ``host``, IPv4 and IPv6."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def tcp_connect(address: str, port: int, timeout: float) -> socket.socket:
+    return socket.create_connection((address, port), timeout=timeout)
+
+
+def blocked_reason(address: str) -> str | None:
+    """Why ``address`` may not be fetched from, or None for a public unicast address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return "not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d reaches a.b.c.d
+            return blocked_reason(str(ip.ipv4_mapped))
+        if ip.sixtofour is not None and (why := blocked_reason(str(ip.sixtofour))):
+            return f"{why} (6to4)"
+    for hit, why in ((ip.is_unspecified, "an unspecified address"),
+                     (ip.is_loopback, "a loopback address"),
+                     (ip.is_link_local, "a link-local address (cloud metadata lives there)"),
+                     (ip.is_multicast, "a multicast address"),
+                     (ip in _CGNAT, "a carrier-grade NAT address"),
+                     (ip.is_private, "a private address"),
+                     (getattr(ip, "is_site_local", False), "a site-local address"),
+                     (ip.is_reserved, "a reserved address"),
+                     (any(ip in net for net in _SPECIAL), "a special-purpose address"),
+                     (not ip.is_global, "a non-public address")):
+        if hit:
+            return why
+    return None
+
+
+@dataclass(frozen=True)
+class _Target:
+    scheme: str
+    host: str  # ASCII (IDNA), no brackets
+    port: int
+    path: str  # path and query, as sent
+
+    @property
+    def origin(self) -> str:
+        """scheme://host[:port]: what messages show (paths and queries may carry tokens)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return f"{self.scheme}://{host}" + ("" if self.port == default else f":{self.port}")
+
+
+def fetch(url: str, limits: FetchLimits, *, label: str = "url",  # label: for log lines
+          resolver: Resolver = system_resolver, opener: Opener = tcp_connect,
+          ssl_context: ssl.SSLContext | None = None) -> bytes:
+    """GET ``url`` under ``limits``, following redirects by hand; the body of the final 200."""
+    deadline = time.monotonic() + limits.timeout_s
+    for hop in range(limits.max_redirects + 1):
+        target = _parse_url(url, limits)
+        addresses = _resolve(target, label, limits, resolver)
+        log.info("%s: fetching from %s%s", label, target.host, f" (redirect {hop})" if hop else "")
+        tls = (ssl_context or _default_tls()) if target.scheme == "https" else None
+        result = _get(target, addresses, limits, opener, tls, deadline)
+        if isinstance(result, bytes):
+            log.info("%s: %d bytes from %s", label, len(result), target.host)
+            return result
+        url = urljoin(url, result)
+    raise FetchError(f"too many redirects (more than {limits.max_redirects})")
+
+
+@lru_cache(maxsize=1)
+def _default_tls() -> ssl.SSLContext:
+    return ssl.create_default_context()  # system CAs, hostname check on
+
+
+def _parse_url(url: str, limits: FetchLimits) -> _Target:
+    if len(url) > MAX_URL_CHARS:
+        raise FetchError(f"the URL is {len(url)} characters; the limit is {MAX_URL_CHARS}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = (parts.hostname or "").encode("idna").decode("ascii")
+    except (ValueError, UnicodeError) as exc:
+        raise FetchError(f"not a valid URL ({brief_reason(exc)})") from None
+    scheme = parts.scheme.lower()
+    if scheme != "https" and not (scheme == "http" and limits.allow_http):
+        raise FetchError(f"URL must use https (got {scheme[:20]})")
+    if not host:
+        raise FetchError("the URL has no host")
+    if parts.username is not None:
+        raise FetchError("the URL must not carry credentials (user:password@)")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Target(scheme, host, port or (443 if scheme == "https" else 80), path)
+
+
+def _resolve(target: _Target, label: str, limits: FetchLimits, resolver: Resolver) -> list[str]:
+    """The host's addresses, each checked; the connection will use one of exactly these."""
+    try:
+        addresses = [str(ipaddress.ip_address(target.host))]
+    except ValueError:
+        try:
+            addresses = [str(a) for a in resolver(target.host, target.port)]
+        except (OSError, UnicodeError) as exc:
+            raise FetchError(f"cannot resolve {target.host} ({brief_reason(exc)})") from None
+    if not addresses:
+        raise FetchError(f"cannot resolve {target.host} (no addresses)")
+    for address in addresses if not limits.allow_private else ():
+        if why := blocked_reason(address):
+            log.warning("%s: refused %s: %s is %s", label, target.host, address, why)
+            subject = address if address == target.host else \
+                f"{target.host} resolves to {address}, which"
+            raise FetchError(f"refusing to fetch {target.origin}: {subject} is {why}")
+    return addresses
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """HTTP(S) to ``target.host`` over a socket to an address checked beforehand.
+
+    http.client's own connect() resolves the host again, and a hostile DNS server can answer
+    that second lookup with a private address (DNS rebinding). This connect() dials the checked
+    addresses through ``opener``, while ``host`` still gives the Host header and, with TLS, the
+    SNI name and the name the certificate must match (the context's check_hostname).
+    """
+
+    def __init__(self, target: _Target, addresses: list[str], opener: Opener,
+                 tls: ssl.SSLContext | None, deadline: float) -> None:
+        super().__init__(target.host, target.port, timeout=max(deadline - time.monotonic(), 0))
+        self.default_port = 443 if tls else 80  # Host carries a port only when not the default
+        self._addresses, self._opener, self._tls, self._deadline = addresses, opener, tls, deadline
+        self.aborted = False
+        self._socket: socket.socket | None = None  # kept: http.client drops self.sock early
+
+    def connect(self) -> None:
+        error: OSError = OSError("no address to connect to")
+        for address in self._addresses:
+            try:
+                self.sock = self._opener(address, self.port, self._deadline - time.monotonic())
+                break
+            except OSError as exc:
+                error = exc
+        else:
+            raise error
+        self._socket = self.sock
+        if self._tls:
+            self.sock = self._socket = self._tls.wrap_socket(
+                self.sock, server_hostname=self.host, do_handshake_on_connect=False)
+            self.sock.do_handshake()
+
+    def abort(self) -> None:
+        """At the deadline (from a timer thread): unblock whatever read is waiting."""
+        self.aborted = True
+        if (sock := self._socket) is not None:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the fd, bypassing TLS
+
+
+def _get(target: _Target, addresses: list[str], limits: FetchLimits, opener: Opener,
+         tls: ssl.SSLContext | None, deadline: float) -> bytes | str:
+    """One GET: the body (bytes) of a 200, or the Location (str) of a redirect."""
+    timed_out = FetchError(f"fetching {target.origin} timed out (limit "
+                           f"{limits.timeout_s:g} s for the whole download)")
+    if time.monotonic() >= deadline:
+        raise timed_out
+    connection = _PinnedConnection(target, addresses, opener, tls, deadline)
+    # Socket timeouts bound each read; this bounds them all (a server dripping bytes).
+    watchdog = threading.Timer(max(deadline - time.monotonic(), 0), connection.abort)
+    watchdog.daemon = True
+    watchdog.start()
+    response: http.client.HTTPResponse | None = None
+    try:
+        connection.request("GET", target.path, headers={
+            "Accept": ", ".join([*limits.accept, "*/*;q=0.1"]), "Accept-Encoding": "identity",
+            "User-Agent": "sdxl-lightning-worker", "Connection": "close"})
+        response = connection.getresponse()
+        if response.status in _REDIRECTS and (location := response.getheader("Location")):
+            return location
+        if response.status != 200:
+            raise FetchError(f"{target.origin} returned HTTP {response.status} "
+                             f"({brief_repr(response.reason, 40)})")
+        kind = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+        if kind and not kind.startswith("image/") and kind not in _BINARY_TYPES:
+            raise FetchError(f"{target.origin} sent Content-Type {brief_repr(kind, 40)}, not an "
+                             f"image")
+        return _read_body(response, target, limits, deadline, timed_out)
+    except FetchError:
+        if connection.aborted:  # e.g. "sent 10 of the 656 bytes": cut short by the watchdog
+            raise timed_out from None
+        raise
+    except Exception as exc:  # noqa: BLE001 - any network failure is this job's error
+        if connection.aborted or isinstance(exc, TimeoutError):
+            raise timed_out from None
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            raise FetchError(f"TLS certificate check failed for {target.host} "
+                             f"({brief_repr(exc.verify_message, 80)})") from None
+        raise FetchError(f"could not fetch {target.origin} ({brief_reason(exc)})") from None
+    finally:
+        watchdog.cancel()
+        if response is not None:
+            response.close()
+        connection.close()
+
+
+def _read_body(response: http.client.HTTPResponse, target: _Target, limits: FetchLimits,
+               deadline: float, timed_out: FetchError) -> bytes:
+    announced = response.length  # Content-Length; None when chunked or absent
+    if announced is not None and announced > limits.max_bytes:
+        raise FetchError(f"{target.origin} announces {size_text(announced)}; the limit is "
+                         f"{size_text(limits.max_bytes)}")
+    chunks: list[bytes] = []
+    total = 0
+    # read1: whatever has arrived (so the deadline is checked often), never past Content-Length,
+    # and never more than one byte past the cap.
+    while chunk := response.read1(min(CHUNK, limits.max_bytes + 1 - total)):
+        total += len(chunk)
+        if total > limits.max_bytes:
+            raise FetchError(f"the download from {target.origin} is over the "
+                             f"{size_text(limits.max_bytes)} limit")
+        if time.monotonic() >= deadline:
+            raise timed_out
+        chunks.append(chunk)
+    if announced is not None and total < announced:
+        raise FetchError(f"{target.origin} sent {total} of the {announced} bytes it announced")
+    return b"".join(chunks)
+
+
+# --- message fragments ---------------------------------------------------------------------
+
+def size_text(count: int) -> str:
+    """A byte count for people: "20 MB", "97.7 KB", "50 bytes"."""
+    if count >= MB:
+        return f"{count / MB:.1f}".removesuffix(".0") + " MB"
+    if count >= 1024:
+        return f"{count / 1024:.1f}".removesuffix(".0") + " KB"
+    return f"{count} bytes"
+
+
+def brief_repr(value: Any, limit: int = 40) -> str:
+    """A short repr of a bad value: enough to recognise it, never a whole image."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def brief_reason(exc: BaseException) -> str:
+    """An exception as a short message: no traceback, no object addresses."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "data", str(exc)) or type(exc).__name__
+    return text if len(text) <= 120 else text[:120] + "..."
