@@ -1,22 +1,26 @@
-"""The RunPod adapter: loads and warms the model at import, then serves ``handler(job)``.
+"""The RunPod adapter: starts the worker at import, then serves ``handler(job)``.
 
 At import (before ``runpod.serverless.start``, so no job is taken by a worker that cannot serve
-it): read the settings, make sure the model folder is complete (fetching pinned weights where the
-hub is reachable), load the pipeline, run one small warm-up generation, log each phase's time. A
-start-up failure logs one clear message and exits non-zero.
+it): settings, model load and warm-up (``startup``), the GPU executor (``batching``), and the
+bucket, if one is configured. A start-up failure logs one clear message and exits non-zero.
 
-``handler(job)``: validate ``job["input"]`` (``schemas``), resolve it to the exact parameters used
-(``resolve``), generate (``pipeline``), encode (``encoding``) and return the response dict. Every
-failure becomes ``{"error": "<one string>"}`` for that job; the worker keeps serving.
+``handler(job)`` is async, so one worker holds up to ``MAX_CONCURRENCY`` jobs: it validates the
+input (``schemas``), decodes init images off the event loop (``image_inputs``), resolves the
+exact parameters (``resolve``), queues the plan on the GPU executor, and encodes or uploads the
+images in a thread pool while the GPU runs the next batch. Every failure becomes
+``{"error": "<one string>"}`` for that job; the worker keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 # runpod's default level (DEBUG) logs every job's whole output, base64 images included.
@@ -24,102 +28,163 @@ os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
 import runpod
 import torch
+from PIL import Image
 
 import encoding
-import model_files
-import model_location
+import image_inputs
 import pipeline
-from builder import download_weights
+import upload
+from batching import GpuWorker, StepCallback
 from resolve import Plan, resolve
-from schemas import CLIP_MAX_TOKENS, Settings, parse_request
+from schemas import CLIP_MAX_TOKENS, GenerateRequest, Settings, parse_request
+from startup import StartupError, start
 
 log = logging.getLogger("worker")
 
-# Warm-up at the smallest allowed size: it initialises CUDA, cuBLAS and every checkpoint's
-# kernels for a fraction of a real image's cost.
-WARMUP_SIDE = 512
-HOW_TO_GET_WEIGHTS = (
-    "To get weights: run `python builder/download_weights.py DIR` where huggingface.co is "
-    "reachable and set MODEL_DIR=DIR (the Docker image bakes them at build time). To try the "
-    "worker without them: `python builder/make_tiny_model.py /tmp/tiny-sdxl` and run with "
-    "MODEL_DIR=/tmp/tiny-sdxl (random weights: noise images, real code path).")
+# Encoding (fpng ~5 ms, libjpeg ~3 ms a 1024² image) and uploads (sockets, GIL released) keep
+# up with the GPU from a few threads, never from the GPU executor.
+ENCODE_THREADS = 4
+# Lower-end bytes per pixel of encoded generated images (bench/RESULTS.md: fpng PNG 1.7-2.3,
+# JPEG/WebP q90 0.25-0.3): a plan whose estimate is already over the limit is refused before
+# any GPU work; one that only turns out too large is refused after encoding.
+BYTES_PER_PIXEL_LOW = {"png": 1.5, "jpeg": 0.1, "webp": 0.1}
+BASE64 = 4 / 3
+JSON_OVERHEAD = 4096  # parameters, warnings, timings
 
 
-class StartupError(RuntimeError):
-    """The worker cannot serve: bad settings, no weights, or weights that do not load."""
+def progress_reporter(job: dict[str, Any]) -> StepCallback | None:
+    """Per-step progress through RunPod (shown by /status while the job runs).
+
+    Only on the platform: locally the SDK would POST to a placeholder URL and log an error.
+    """
+    if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
+        return None
+
+    def report(done: int, total: int) -> None:
+        runpod.serverless.progress_update(job, {"step": done, "steps": total,
+                                                "progress": round(done / total, 3)})
+
+    return report
 
 
-def ensure_weights(model_dir: Path, settings: Settings) -> None:
-    """Complete the model folder, fetching missing files if allowed; else explain how."""
-    missing = model_files.missing_files(model_dir, settings.lightning_steps)
-    if not missing:
-        return
-    if not settings.download_missing:
-        raise StartupError(f"model folder {model_dir} is missing {len(missing)} file(s) "
-                           f"({missing[0]}, ...). {HOW_TO_GET_WEIGHTS}")
-    log.info("model folder %s is incomplete: fetching %d file(s)", model_dir, len(missing))
-    try:
-        download_weights.download(model_dir, settings.lightning_steps)
-    except download_weights.DownloadError as exc:
-        raise StartupError(f"model folder {model_dir} is incomplete and the weights could not "
-                           f"be fetched: {exc}. {HOW_TO_GET_WEIGHTS}") from None
-
-
-def warm_up(model: pipeline.Model) -> None:
-    """One small image per loaded checkpoint."""
-    for steps in model.steps:
-        pipeline.generate(model, Plan(prompt="warm-up", negative_prompt=None, width=WARMUP_SIDE,
-                                      height=WARMUP_SIDE, steps=steps, guidance_scale=0.0,
-                                      seeds=(0,)))
-
-
-def start(settings: Settings) -> pipeline.Model:
-    """Weights, load, warm-up, each timed in the log."""
-    t0 = time.perf_counter()
-    model_dir, source = model_location.locate(settings.model_dir, settings.lightning_steps)
-    log.info("model folder: %s (%s)", model_dir, source)
-    ensure_weights(model_dir, settings)
-    t1 = time.perf_counter()
-    try:
-        model = pipeline.load(model_dir, settings.lightning_steps)
-    except pipeline.ModelFolderError as exc:
-        raise StartupError(f"cannot load the model folder {model_dir}: {exc}") from None
-    t2 = time.perf_counter()
-    if settings.warmup:
-        warm_up(model)
-    t3 = time.perf_counter()
-    log.info("ready on %s/%s with checkpoints %s: weights check %.2f s, load %.2f s, "
-             "warm-up %.2f s", model.device, str(model.dtype).removeprefix("torch."),
-             list(model.steps), t1 - t0, t2 - t1, t3 - t2)
-    return model
-
-
-def truncation_warnings(model: pipeline.Model, plan: Plan) -> list[str]:
+def truncation_warnings(plan: Plan) -> list[str]:
     """CLIP reads 77 tokens; say so when a prompt that is used runs past them."""
     warnings = []
     for name, text in (("prompt", plan.prompt), ("negative_prompt", plan.negative_prompt)):
-        if text and (count := pipeline.prompt_tokens(model, text)) > CLIP_MAX_TOKENS:
+        if text and (count := pipeline.prompt_tokens(MODEL, text)) > CLIP_MAX_TOKENS:
             warnings.append(f"{name} is {count} CLIP tokens; only the first {CLIP_MAX_TOKENS} "
                             f"were used")
     return warnings
 
 
-def handler(job: dict[str, Any]) -> dict[str, Any]:
+def prepare(request: GenerateRequest, job: dict[str, Any]) -> tuple[Plan, list[str]]:
+    """Decode init images and resolve the plan (blocking: runs in a thread)."""
+    init = mask = None
+    if request.image is not None:
+        init = image_inputs.load_image(request.image, "image")
+    safety_check, safety_warnings = SETTINGS.safety_for(request)
+    plan, warnings = resolve(request, MODEL.steps, image_size=init.size if init else None,
+                             safety_check=safety_check)
+    if init is not None:
+        size = (plan.width, plan.height)
+        init = init if init.size == size else init.resize(size, Image.Resampling.LANCZOS)
+        if request.mask is not None:
+            mask = image_inputs.load_mask(request.mask, "mask", size)
+        plan = plan.with_images(init, mask)
+    return plan, warnings + safety_warnings + truncation_warnings(plan)
+
+
+def too_large(megabytes: float, plan: Plan, estimated: bool) -> str:
+    return (f"the response {'would be at least' if estimated else 'would be'} "
+            f"{megabytes:.1f} MB, over the {SETTINGS.max_response_mb:g} MB result limit "
+            f"(MAX_RESPONSE_MB; RunPod drops larger /run results): use output_format jpeg or "
+            f"webp, fewer images, a smaller size, or a bucket (BUCKET_* settings or the job's "
+            f"s3Config) for {len(plan.seeds)} image(s) of {plan.width}x{plan.height} "
+            f"{plan.output_format}")
+
+
+def check_estimate(plan: Plan, bucket: upload.Bucket | None) -> None:
+    """Refuse, before the GPU runs, a response that cannot fit the result limit."""
+    if bucket is not None:
+        return
+    pixels = plan.width * plan.height * len(plan.seeds)
+    estimate = (pixels * BYTES_PER_PIXEL_LOW[plan.output_format] * BASE64 + JSON_OVERHEAD) / 1e6
+    if estimate > SETTINGS.max_response_mb:
+        raise ValueError(too_large(estimate, plan, estimated=True))
+
+
+def bucket_for(job: dict[str, Any]) -> upload.Bucket | None:
+    """The job's own ``s3Config`` wins over the worker's bucket settings."""
+    if job.get("s3Config") is not None:
+        return upload.bucket_from_s3_config(job["s3Config"])
+    return BUCKET
+
+
+def run_batch(plans: Sequence[Plan], on_step: StepCallback | None) -> list[list[Any]]:
+    """Generate on the GPU thread; images the safety checker flags become None (withheld).
+
+    Out of GPU memory with several images: free the cache and run them one at a time (each
+    image has its own generator, so the results are the same), once; then give up.
+    """
+    try:
+        results = pipeline.generate_batch(MODEL, plans, on_step)
+    except torch.cuda.OutOfMemoryError:
+        images = sum(len(plan.seeds) for plan in plans)
+        if images == 1:
+            raise
+        log.warning("out of GPU memory for %d image(s): retrying one image at a time", images)
+        torch.cuda.empty_cache()
+        results = [[pipeline.generate(MODEL, replace(plan, seeds=(seed,)))[0]
+                    for seed in plan.seeds] for plan in plans]
+    for plan, images in zip(plans, results, strict=True):
+        if plan.safety_check:
+            flags = pipeline.nsfw_flags(MODEL, images)
+            images[:] = [None if flagged else image for image, flagged in zip(images, flags,
+                                                                                strict=True)]
+    return results
+
+
+def deliver(image: Any, index: int, plan: Plan, job_id: str,
+            bucket: upload.Bucket | None) -> str | None:
+    """One image as a data URI, or as the URL of its uploaded copy; None stays withheld."""
+    if image is None:
+        return None
+    data = encoding.encode(image, plan.output_format, plan.quality)
+    if bucket is None:
+        return encoding.data_uri(data, plan.output_format)
+    key = upload.object_key(job_id, index, encoding.EXTENSIONS[plan.output_format])
+    return UPLOADER.upload(bucket, key, data, encoding.MIME_TYPES[plan.output_format])
+
+
+async def handler(job: dict[str, Any]) -> dict[str, Any]:
     """Serve one RunPod job; never raises."""
-    job_id = job.get("id", "?")
+    job_id = str(job.get("id", "?"))
+    received = time.perf_counter()
     try:
         request = parse_request(job.get("input"))
-    except ValueError as exc:
-        log.info("job %s rejected: %s", job_id, exc)
+        bucket = bucket_for(job)
+        plan, warnings = await asyncio.to_thread(prepare, request, job)
+        check_estimate(plan, bucket)
+    except ValueError as exc:  # the caller's input: schemas, image_inputs, resolve, s3Config
+        log.info("job %s rejected", job_id)  # the message may quote the prompt: DEBUG only
+        log.debug("job %s: %s", job_id, exc)
         return {"error": str(exc)}
-    plan, warnings = resolve(request, MODEL.steps)
-    warnings += truncation_warnings(MODEL, plan)
+    loop = asyncio.get_running_loop()
     try:
-        started = time.perf_counter()
-        images = pipeline.generate(MODEL, plan)
+        queued = time.perf_counter()
+        result = await asyncio.wrap_future(GPU.submit(plan, progress_reporter(job)))
         generated = time.perf_counter()
-        uris = [encoding.data_uri(encoding.encode(image)) for image in images]
-        encoded = time.perf_counter()
+        uris = await asyncio.gather(*(
+            loop.run_in_executor(ENCODE_POOL, deliver, image, i, plan, job_id, bucket)
+            for i, image in enumerate(result.images)))
+        delivered = time.perf_counter()
+    except upload.UploadError as exc:
+        log.warning("job %s: %s", job_id, exc)
+        return {"error": str(exc)}
+    except pipeline.BadOutputError:
+        log.error("job %s: NaN or black output even in fp32", job_id)
+        return {"error": "the model produced an invalid (NaN or all-black) image even after "
+                         "a full-precision decode: try another seed or prompt"}
     except torch.cuda.OutOfMemoryError:
         log.exception("job %s: out of GPU memory", job_id)
         torch.cuda.empty_cache()
@@ -129,13 +194,25 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
         log.exception("job %s failed", job_id)
         # A failure inside torch may leave the GPU in a bad state: let RunPod replace the worker.
         return {"error": f"internal error: {type(exc).__name__}", "refresh_worker": True}
-    log.info("job %s: %dx%d, %d step(s), %d image(s), seed %d: generate %.3f s, encode %.3f s",
-             job_id, plan.width, plan.height, plan.steps, len(plan.seeds), plan.seeds[0],
-             generated - started, encoded - generated)
+    size_mb = (sum(len(uri or "") for uri in uris) + JSON_OVERHEAD) / 1e6
+    if bucket is None and size_mb > SETTINGS.max_response_mb:
+        log.warning("job %s: response of %.1f MB refused", job_id, size_mb)
+        return {"error": too_large(size_mb, plan, estimated=False)}
+    log.info("job %s: %s %dx%d, %d step(s), %d image(s), seed %d: queue %.3f s, generate "
+             "%.3f s (batch of %d), deliver %.3f s", job_id, plan.mode, plan.width, plan.height,
+             plan.steps, len(plan.seeds), plan.seeds[0], result.started - queued,
+             result.seconds, result.batch_jobs, delivered - generated)
+    items = [{"image": uri, "seed": seed} for uri, seed in zip(uris, plan.seeds, strict=True)]
+    if plan.safety_check:  # a flagged image is withheld, never replaced by a black picture
+        for item in items:
+            item["nsfw"] = item["image"] is None
     response: dict[str, Any] = {
-        "images": [{"image": uri, "seed": seed}
-                   for uri, seed in zip(uris, plan.seeds, strict=True)],
-        "generation_time": round(generated - started, 4),
+        "images": items,
+        "generation_time": round(result.seconds, 4),
+        "timings": {"queue": round(result.started - queued, 4),
+                    "generate": round(result.seconds, 4),
+                    "deliver": round(delivered - generated, 4),
+                    "total": round(delivered - received, 4)},
         "parameters": plan.parameters(),
     }
     if warnings:
@@ -143,18 +220,24 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
     return response
 
 
-def _load_or_exit() -> pipeline.Model:
+def _start_or_exit() -> tuple[Settings, pipeline.Model, upload.Bucket | None]:
     # force: runpod's rp_upload configures the root logger at import with a format of its own.
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return start(Settings.from_env())
+        settings = Settings.from_env()
+        bucket = upload.bucket_from_env(settings.bucket)
+        return settings, start(settings), bucket
     except (StartupError, ValueError) as exc:
         log.error("worker cannot start: %s", exc)
         sys.exit(1)
 
 
-MODEL = _load_or_exit()
+SETTINGS, MODEL, BUCKET = _start_or_exit()
+UPLOADER = upload.Uploader()
+ENCODE_POOL = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="deliver")
+GPU = GpuWorker(run_batch, max_batch_images=SETTINGS.max_batch_images)
 
 if __name__ == "__main__":
-    runpod.serverless.start({"handler": handler})
+    runpod.serverless.start({"handler": handler,
+                             "concurrency_modifier": lambda current: SETTINGS.max_concurrency})

@@ -14,6 +14,8 @@ Layout of ``MODEL_DIR`` (it mirrors the Hugging Face repositories, so the files 
     unet/config.json                           architecture only; the weights come from Lightning
     vae/{config.json, diffusion_pytorch_model.safetensors}     the fp16-fix VAE
     sdxl_lightning_4step_unet.safetensors      one file per loaded step count
+    safety_checker/{config.json, pytorch_model.bin}            only with the safety checker
+    feature_extractor/preprocessor_config.json
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ LIGHTNING_REPO = "ByteDance/SDXL-Lightning"
 LIGHTNING_REVISION = "c9a24f48e1c025556787b0c58dd67a091ece2e44"
 VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
 VAE_REVISION = "207b116dae70ace3637169f1ddd2434b91b3a8cd"
+# Only with SAFETY_CHECKER: the CompVis checker (CLIP ViT-L/14 image tower, ~1.2 GB in fp32).
+# Its repository ships the weights as a pickle; transformers loads it with weights_only=True.
+SAFETY_REPO = "CompVis/stable-diffusion-safety-checker"
+SAFETY_REVISION = "cb41f3a270d63d454d385fc2e4f571c487c253c5"
+SAFETY_WEIGHTS = "pytorch_model.bin"
 
 # ByteDance ships one UNet per step count; each must run with exactly that many steps (model card:
 # "always use the correct checkpoint for the corresponding inference steps").
@@ -78,15 +85,24 @@ def checkpoint_file(steps: int) -> RemoteFile:
     return RemoteFile(name, LIGHTNING_REPO, LIGHTNING_REVISION, name)
 
 
-def required_files(steps: tuple[int, ...]) -> list[RemoteFile]:
+def safety_files() -> list[RemoteFile]:
+    """The safety checker and its image preprocessing (only when the setting enables it)."""
+    return [RemoteFile(f"safety_checker/{name}", SAFETY_REPO, SAFETY_REVISION, name)
+            for name in ("config.json", SAFETY_WEIGHTS)] + [
+        RemoteFile("feature_extractor/preprocessor_config.json", SAFETY_REPO, SAFETY_REVISION,
+                   "preprocessor_config.json")]
+
+
+def required_files(steps: tuple[int, ...], safety: bool = False) -> list[RemoteFile]:
     """Every file the worker needs to serve the given step checkpoints."""
-    return base_files() + [checkpoint_file(s) for s in steps]
+    return (base_files() + [checkpoint_file(s) for s in steps]
+            + (safety_files() if safety else []))
 
 
-def missing_files(model_dir: Path, steps: tuple[int, ...]) -> list[str]:
+def missing_files(model_dir: Path, steps: tuple[int, ...], safety: bool = False) -> list[str]:
     """Paths (relative to ``model_dir``) of required files that are absent or empty."""
     missing = []
-    for f in required_files(steps):
+    for f in required_files(steps, safety):
         p = model_dir / f.path
         if not p.is_file() or p.stat().st_size == 0:
             missing.append(f.path)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Everything is read from local files; silence the libraries' progress bars and advice
@@ -27,27 +28,68 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+import numpy as np
 import torch
 from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 import model_files
 from resolve import Plan
 
 log = logging.getLogger(__name__)
 
+# Scheduler choices (schemas.SCHEDULERS), each built from the checkpoint's own scheduler config,
+# so each keeps trailing timesteps and, for the 1-step checkpoint, x0-prediction. UNet
+# evaluations at 4 steps (counted by tests/test_modes.py): Heun 7, PNDM 5, the rest 4. KarrasDPM
+# moves the timesteps off the distilled trajectory (999, 687, 146, 0); ancestral/SDE add noise.
+SCHEDULERS: dict[str, tuple[type, dict[str, object]]] = {
+    "K_EULER": (EulerDiscreteScheduler, {}),
+    "K_EULER_ANCESTRAL": (EulerAncestralDiscreteScheduler, {}),
+    "DDIM": (DDIMScheduler, {}),
+    "DPMSolverMultistep": (DPMSolverMultistepScheduler, {}),
+    "KarrasDPM": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    # The real DPM++ 2M SDE (Replicate's "DPM++2MSDE" runs KDPM2-ancestral, 7 evaluations).
+    "DPM++2MSDE": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++",
+                                                 "solver_order": 2}),
+    "HeunDiscrete": (HeunDiscreteScheduler, {}),
+    "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),  # PLMS, as Stable Diffusion configures it
+}
+PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
+    "txt2img": StableDiffusionXLPipeline,
+    "img2img": StableDiffusionXLImg2ImgPipeline,
+    "inpaint": StableDiffusionXLInpaintPipeline,
+}
+
 
 class ModelFolderError(RuntimeError):
     """The model folder is missing files or holds files that do not load."""
+
+
+class BadOutputError(RuntimeError):
+    """The VAE decoded NaN or an all-black image, even in full precision."""
 
 
 @dataclass
@@ -57,6 +99,11 @@ class Model:
     pipes: dict[int, StableDiffusionXLPipeline]
     device: torch.device
     dtype: torch.dtype
+    # (steps, mode, scheduler) -> a pipeline sharing every module of pipes[steps] but holding
+    # its own scheduler, so no job changes the shared pipeline's state. Built on first use
+    # (~16 ms each) and reused: generation runs on one thread at a time.
+    views: dict[tuple[int, str, str], DiffusionPipeline] = field(default_factory=dict)
+    safety: tuple[StableDiffusionSafetyChecker, CLIPImageProcessor] | None = None
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -98,17 +145,42 @@ def scheduler_for(model_dir: Path, steps: int) -> EulerDiscreteScheduler:
 
 
 def load(model_dir: Path, steps: tuple[int, ...], device: torch.device | None = None,
-         dtype: torch.dtype | None = None) -> Model:
+         dtype: torch.dtype | None = None, safety: bool = False) -> Model:
     """Load the model folder for the given step checkpoints; ``ModelFolderError`` if it can't."""
     if device is None or dtype is None:
         device, dtype = default_device()
-    missing = model_files.missing_files(model_dir, steps)
+    missing = model_files.missing_files(model_dir, steps, safety)
     if missing:
         raise ModelFolderError(f"model folder {model_dir} is missing {', '.join(missing)}")
     try:
-        return _load(model_dir, steps, device, dtype)
-    except (SafetensorError, OSError, ValueError) as exc:  # unreadable, corrupt or mismatched
+        model = _load(model_dir, steps, device, dtype)
+        if safety:
+            model.safety = load_safety_checker(model_dir, device, dtype)
+        return model
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # corrupt or mismatched
         raise ModelFolderError(f"{type(exc).__name__}: {exc}") from None
+
+
+def load_safety_checker(model_dir: Path, device: torch.device,
+                        dtype: torch.dtype) -> tuple[StableDiffusionSafetyChecker,
+                                                     CLIPImageProcessor]:
+    checker = StableDiffusionSafetyChecker.from_pretrained(model_dir / "safety_checker",
+                                                           dtype=dtype).to(device)
+    return checker.eval(), CLIPImageProcessor.from_pretrained(model_dir / "feature_extractor")
+
+
+def nsfw_flags(model: Model, images: Sequence[Image.Image]) -> list[bool]:
+    """The safety checker's verdict per image (one CLIP image pass each)."""
+    if model.safety is None:
+        raise RuntimeError("the safety checker is not loaded (SAFETY_CHECKER=false)")
+    checker, processor = model.safety
+    pixels = processor(list(images), return_tensors="pt").pixel_values
+    with torch.inference_mode():
+        # The checker also blacks out flagged images in the array it is given: hand it a dummy,
+        # since the worker withholds flagged images instead of returning black pictures.
+        _, flags = checker(images=np.zeros((len(images), 1, 1, 3), np.float32),
+                           clip_input=pixels.to(model.device, model.dtype))
+    return [bool(flag) for flag in flags]
 
 
 def _load(model_dir: Path, steps: tuple[int, ...], device: torch.device,
@@ -137,13 +209,101 @@ def prompt_tokens(model: Model, text: str) -> int:
     return len(model.tokenizer(text, truncation=False).input_ids)
 
 
-def generate(model: Model, plan: Plan) -> list[Image.Image]:
-    """Run one plan: ``len(plan.seeds)`` images, image i from its own generator seeded seeds[i]."""
-    pipe = model.pipes[plan.steps]
-    generators = [torch.Generator(model.device).manual_seed(s) for s in plan.seeds]
+def view(model: Model, steps: int, mode: str, scheduler: str) -> DiffusionPipeline:
+    """The pipeline for one (checkpoint, mode, scheduler): shared modules, its own scheduler."""
+    key = (steps, mode, scheduler)
+    if key not in model.views:
+        base = model.pipes[steps]
+        cls, kwargs = SCHEDULERS[scheduler]
+        # dtype: from_pipe casts every (shared!) module to float32 unless told otherwise.
+        pipe = PIPELINE_CLASSES[mode].from_pipe(
+            base, scheduler=cls.from_config(base.scheduler.config, **kwargs), dtype=model.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        model.views[key] = pipe
+    return model.views[key]
+
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps in this run)
+
+
+def generate_batch(model: Model, plans: Sequence[Plan],
+                   on_step: StepCallback | None = None) -> list[list[Image.Image]]:
+    """Run plans of one ``shape_key`` as one batch; image j of plan i from its own generator.
+
+    Each image gets its own prompt row and ``torch.Generator``, so a plan's images are the same
+    (within fp rounding) whether it runs alone or beside other plans.
+    """
+    first = plans[0]
+    if any(p.shape_key != first.shape_key for p in plans):
+        raise ValueError("plans of different shapes cannot share a batch")
+    rows = [(p, seed) for p in plans for seed in p.seeds]
+    kwargs: dict[str, object] = dict(
+        prompt=[p.prompt for p, _ in rows], num_inference_steps=first.steps,
+        guidance_scale=first.guidance_scale, num_images_per_prompt=1, output_type="latent",
+        generator=[torch.Generator(model.device).manual_seed(seed) for _, seed in rows])
+    if first.negative_prompt is not None:  # else diffusers uses zero embeddings (SDXL's rule)
+        kwargs["negative_prompt"] = [p.negative_prompt for p, _ in rows]
+    if first.mode != "img2img":  # img2img takes its size from the init image
+        kwargs.update(width=first.width, height=first.height)
+    if first.mode != "txt2img":
+        kwargs.update(image=[p.init_image for p, _ in rows], strength=first.strength)
+    if first.mode == "inpaint":
+        kwargs["mask_image"] = [p.mask_image for p, _ in rows]
+    pipe = view(model, first.steps, first.mode, first.scheduler)
+    if on_step is not None:
+        def callback(pipe_: DiffusionPipeline, i: int, t: object, tensors: dict) -> dict:
+            on_step(i + 1, pipe_.num_timesteps)
+            return tensors
+
+        kwargs["callback_on_step_end"] = callback
     with torch.inference_mode():
-        result = pipe(prompt=plan.prompt, negative_prompt=plan.negative_prompt,
-                      width=plan.width, height=plan.height, num_inference_steps=plan.steps,
-                      guidance_scale=plan.guidance_scale, num_images_per_prompt=len(plan.seeds),
-                      generator=generators, output_type="pil")
-    return list(result.images)
+        images = decode_latents(pipe.vae, pipe(**kwargs).images)
+    out, start = [], 0
+    for p in plans:
+        out.append(images[start:start + len(p.seeds)])
+        start += len(p.seeds)
+    return out
+
+
+def _decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Latents to pixels in [0, 1], NCHW (SDXL's VAE has no latents mean/std, only a scale)."""
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return (pixels / 2 + 0.5).clamp(0, 1)
+
+
+def _usable(pixels: torch.Tensor) -> bool:
+    """NaN (clamp keeps it) or all zeros: the classic fp16 VAE failure, never a real image."""
+    return not bool(torch.isnan(pixels).any()) and bool((pixels > 0).any())
+
+
+def _decode_fp32(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Decode in full precision, then put the VAE back in its own dtype whatever happens."""
+    dtype = vae.dtype
+    try:
+        return _decode(vae.to(torch.float32), latents.float())
+    finally:
+        vae.to(dtype)
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> list[Image.Image]:
+    """Decode one image at a time (bounds a batch's decode memory), each checked.
+
+    A NaN or all-black image from a half-precision VAE is decoded again in fp32; if that fails
+    too, ``BadOutputError``: such an image is never returned as a success.
+    """
+    images = []
+    for one in latents.split(1):
+        pixels = _decode(vae, one)
+        if not _usable(pixels) and vae.dtype != torch.float32:
+            log.warning("VAE output in %s was NaN or black: decoding again in fp32", vae.dtype)
+            pixels = _decode_fp32(vae, one)
+        if not _usable(pixels):
+            raise BadOutputError("the VAE decoded a NaN or all-black image")
+        array = (pixels[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        images.append(Image.fromarray(array))
+    return images
+
+
+def generate(model: Model, plan: Plan, on_step: StepCallback | None = None) -> list[Image.Image]:
+    """Run one plan: ``len(plan.seeds)`` images, image i from its own generator seeded seeds[i]."""
+    return generate_batch(model, [plan], on_step)[0]

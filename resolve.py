@@ -1,22 +1,25 @@
 """Turn a validated request into the exact parameters a generation uses, and say what changed.
 
-Pure functions, no torch: the snapping, clamping, step resolution and seed assignment that the
-API table promises, each change reported as a human-readable warning. The result, ``Plan``, is
-what ``pipeline.generate`` runs and what the response echoes under ``parameters``.
+Pure functions, no torch: the snapping, clamping, step resolution, strength quantisation and
+seed assignment that the API table promises, each change reported as a human-readable warning.
+The result, ``Plan``, is what ``pipeline.generate`` runs and what the response echoes under
+``parameters``. Decoded init images are attached to the plan by the handler, not here.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import model_files
-from schemas import MAX_SIDE, MIN_SIDE, SEED_LIMIT, SIDE_MULTIPLE, GenerateRequest
+from schemas import DEFAULT_STRENGTH, MAX_SIDE, MIN_SIDE, SEED_LIMIT, SIDE_MULTIPLE, GenerateRequest
 
 # diffusers runs classifier-free guidance only when guidance_scale > 1; at or below it the
 # negative prompt is never encoded and the value changes nothing.
 CFG_THRESHOLD = 1.0
+DEFAULT_SIDE = 1024  # Lightning's training resolution
 
 
 @dataclass(frozen=True)
@@ -30,17 +33,38 @@ class Plan:
     steps: int
     guidance_scale: float
     seeds: tuple[int, ...]
+    mode: str = "txt2img"  # txt2img | img2img | inpaint
+    strength: float | None = None  # effective: denoising steps run / steps
+    scheduler: str = "K_EULER"
+    output_format: str = "png"
+    quality: int = 90
+    safety_check: bool = False
+    init_image: Any = None  # PIL images at (width, height), attached by the handler
+    mask_image: Any = None
 
     @property
     def checkpoint(self) -> str:
         return model_files.CHECKPOINTS[self.steps]
 
+    def with_images(self, init_image: Any, mask_image: Any) -> Plan:
+        return replace(self, init_image=init_image, mask_image=mask_image)
+
+    @property
+    def shape_key(self) -> tuple[object, ...]:
+        """Plans with equal keys can run as one batch on the GPU."""
+        return (self.mode, self.width, self.height, self.steps, self.guidance_scale,
+                self.negative_prompt is None, self.scheduler, self.strength)
+
     def parameters(self) -> dict[str, object]:
         """The ``parameters`` block of the response: the values actually used."""
+        lossy = self.output_format != "png"
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt,
                 "width": self.width, "height": self.height,
                 "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
-                "seed": self.seeds[0], "num_images": len(self.seeds),
+                "seed": self.seeds[0], "num_images": len(self.seeds), "mode": self.mode,
+                "strength": self.strength, "scheduler": self.scheduler,
+                "output_format": self.output_format, "quality": self.quality if lossy else None,
+                "safety_checker": self.safety_check,
                 "model": model_files.MODEL_NAME, "checkpoint": self.checkpoint}
 
 
@@ -84,16 +108,74 @@ def draw_seed() -> int:
     return secrets.randbelow(SEED_LIMIT)
 
 
+def sizes_from_image(req: GenerateRequest, image_size: tuple[int, int]) -> tuple[int, int]:
+    """Output size for an init image: the image's, or its aspect ratio fitted to a given side.
+
+    Sides the caller left out follow the image; an image outside 512-1536 is scaled, keeping
+    its aspect ratio, into the range before the usual snapping and clamping.
+    """
+    img_w, img_h = image_size
+    if req.width is not None and req.height is not None:
+        return req.width, req.height
+    if req.width is not None:
+        return req.width, max(1, round(req.width * img_h / img_w))
+    if req.height is not None:
+        return max(1, round(req.height * img_w / img_h)), req.height
+    scale = min(1.0, MAX_SIDE / max(img_w, img_h))
+    if min(img_w, img_h) * scale < MIN_SIDE:
+        scale = MIN_SIDE / min(img_w, img_h)
+    return max(1, round(img_w * scale)), max(1, round(img_h * scale))
+
+
+def resolve_strength(req: GenerateRequest, steps: int) -> tuple[float | None, list[str]]:
+    """Effective strength: diffusers runs int(steps * strength) of the checkpoint's steps."""
+    if req.mode == "txt2img":
+        if req.strength is None:
+            return None, []
+        return None, ["strength was ignored: it applies only with an init image"]
+    strength = req.strength if req.strength is not None else DEFAULT_STRENGTH[req.mode]
+    run = min(int(steps * strength), steps)  # the exact formula of diffusers' get_timesteps
+    if run < 1:
+        raise ValueError(f"invalid input: strength={strength:g} runs no denoising step with the "
+                         f"{steps}-step checkpoint; the smallest allowed is {1 / steps:g}")
+    effective = run / steps
+    if effective == strength:
+        return effective, []
+    return effective, [f"strength {strength:g} runs {run} of {steps} steps: effective strength "
+                       f"{effective:g}"]
+
+
 def resolve(req: GenerateRequest, available_steps: tuple[int, ...],
-            new_seed: Callable[[], int] = draw_seed) -> tuple[Plan, list[str]]:
-    """The plan for ``req`` on a worker with ``available_steps`` loaded, and its warnings."""
-    width, w_warn = snap_side("width", req.width)
-    height, h_warn = snap_side("height", req.height)
+            new_seed: Callable[[], int] = draw_seed, image_size: tuple[int, int] | None = None,
+            safety_check: bool = False) -> tuple[Plan, list[str]]:
+    """The plan for ``req`` on a worker with ``available_steps`` loaded, and its warnings.
+
+    ``image_size`` is the decoded init image's size (img2img and inpainting); raises
+    ``ValueError`` for a strength too small to run a single step.
+    """
+    warnings: list[str] = []
+    if image_size is not None:
+        width, height = sizes_from_image(req, image_size)
+    else:
+        width, height = req.width or DEFAULT_SIDE, req.height or DEFAULT_SIDE
+    width, w_warn = snap_side("width", width)
+    height, h_warn = snap_side("height", height)
+    if image_size is not None and (width, height) != image_size and (
+            req.width is None or req.height is None):
+        w_warn, h_warn = (f"output size {width}x{height} follows the init image "
+                          f"({image_size[0]}x{image_size[1]}), fitted to {MIN_SIDE}-{MAX_SIDE} "
+                          f"in multiples of {SIDE_MULTIPLE}"), None
     steps, s_warn = resolve_steps(req.num_inference_steps, available_steps)
+    strength, strength_warnings = resolve_strength(req, steps)
     guidance, negative, g_warnings = _guidance(req)
     first = new_seed() if req.seed is None else req.seed
     # Image i uses seed + i, wrapped so every reported seed is itself a valid input.
     seeds = tuple((first + i) % SEED_LIMIT for i in range(req.num_images))
     plan = Plan(prompt=req.prompt, negative_prompt=negative, width=width, height=height,
-                steps=steps, guidance_scale=guidance, seeds=seeds)
-    return plan, [w for w in (w_warn, h_warn, s_warn) if w] + g_warnings
+                steps=steps, guidance_scale=guidance, seeds=seeds, mode=req.mode,
+                strength=strength, scheduler=req.scheduler, output_format=req.output_format,
+                quality=req.quality, safety_check=safety_check)
+    warnings += [w for w in (w_warn, h_warn, s_warn) if w] + strength_warnings + g_warnings
+    if req.output_format == "png" and "quality" in req.model_fields_set:
+        warnings.append("quality was ignored: png is lossless")
+    return plan, warnings

@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 import model_files
 
 # Lightning was distilled at 1024 px (SDXL's ~1 MP buckets); below 512 SDXL falls apart and above
 # 1536 memory and time grow with no training behind it. diffusers needs multiples of 8 (the VAE).
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 512, 1536, 8
-MAX_IMAGES = 4  # four 1024² PNGs as base64 stay under RunPod's 10 MB /run result limit
+MAX_IMAGES = 4  # Replicate's cap; larger batches belong in a bucket, not a JSON result
 MAX_GUIDANCE = 20.0
 SEED_LIMIT = 2**32  # torch accepts 64-bit seeds; 32 bits is what every client can round-trip
 MAX_PROMPT_CHARS = 10_000  # CLIP reads 77 tokens; anything this long is a mistake or an attack
@@ -37,35 +45,79 @@ def _not_bool(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
 Text = Annotated[str, Field(strict=True, max_length=MAX_PROMPT_CHARS)]
+# An encoded image: base64 (raw or data URI), an https URL, or Cloudflare's array of byte values.
+# Only the JSON type is checked here; image_inputs.py decodes it with its size and safety limits.
+ImageValue = Annotated[str, Field(strict=True)] | Annotated[list[Any], Field(strict=True)]
+
+# Replicate's scheduler names (the API users know). The default is what Lightning was distilled
+# for; pipeline.SCHEDULERS builds each, on trailing timesteps, and README lists their cost.
+SCHEDULERS = ("K_EULER", "K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep", "KarrasDPM",
+              "DPM++2MSDE", "HeunDiscrete", "PNDM")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # inpainting repaints the masked area fully
+
+# Other providers' names for our fields (Cloudflare Workers AI, Replicate/Eachlabs, Runflow), so
+# their clients work unchanged apart from the URL.
+ALIASES = {"num_steps": "num_inference_steps", "steps": "num_inference_steps",
+           "guidance": "guidance_scale", "num_outputs": "num_images", "image_b64": "image"}
 
 # What each field accepts, in words: every error message quotes it.
 RULES: dict[str, str] = {
     "prompt": f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
     "negative_prompt": f"a string of at most {MAX_PROMPT_CHARS} characters, or null",
     "height": f"a positive integer (snapped to a multiple of {SIDE_MULTIPLE}, "
-              f"clamped to {MIN_SIDE}-{MAX_SIDE})",
+              f"clamped to {MIN_SIDE}-{MAX_SIDE}), or null",
     "width": f"a positive integer (snapped to a multiple of {SIDE_MULTIPLE}, "
-             f"clamped to {MIN_SIDE}-{MAX_SIDE})",
+             f"clamped to {MIN_SIDE}-{MAX_SIDE}), or null",
     "num_inference_steps": "an integer >= 1 (resolved to a loaded Lightning checkpoint)",
     "guidance_scale": f"a number from 0 to {MAX_GUIDANCE:g}",
     "seed": f"an integer from 0 to {SEED_LIMIT - 1}, or null for a random seed",
     "num_images": f"an integer from 1 to {MAX_IMAGES}",
+    "image": "an encoded PNG/JPEG/WebP image: base64 (raw or data URI), an https URL, or an "
+             "array of byte values",
+    "mask": "an encoded image like `image` (white = repaint); requires `image`",
+    "strength": "a number > 0 and <= 1 (img2img default 0.8, inpainting 1.0)",
+    "scheduler": ", ".join(SCHEDULERS),
+    "output_format": ", ".join(OUTPUT_FORMATS) + " (jpg = jpeg)",
+    "quality": "an integer from 1 to 100 (jpeg and webp)",
+    "disable_safety_checker": "true or false",
 }
 
 
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _scheduler_name(value: Any) -> Any:
+    """Scheduler names match case-insensitively, as clients spell them variously."""
+    if isinstance(value, str):
+        by_key = {name.lower(): name for name in SCHEDULERS}
+        return by_key.get(value.strip().lower(), value)
+    return value
+
+
 class GenerateRequest(BaseModel):
-    """``job["input"]`` for text-to-image, as the caller sent it (before snapping)."""
+    """``job["input"]`` as the caller sent it (aliases merged, before snapping)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: Text
     negative_prompt: Text | None = None
-    height: Int = Field(1024, ge=1)
-    width: Int = Field(1024, ge=1)
+    height: Int | None = Field(None, ge=1)  # None: 1024, or the init image's height
+    width: Int | None = Field(None, ge=1)
     num_inference_steps: Int = Field(4, ge=1)
     guidance_scale: Float = Field(0.0, ge=0.0, le=MAX_GUIDANCE)
     seed: Int | None = Field(None, ge=0, lt=SEED_LIMIT)
     num_images: Int = Field(1, ge=1, le=MAX_IMAGES)
+    image: ImageValue | None = None
+    mask: ImageValue | None = None
+    strength: Float | None = Field(None, gt=0.0, le=1.0)
+    scheduler: Annotated[Literal[SCHEDULERS], BeforeValidator(_scheduler_name)] = "K_EULER"
+    output_format: Annotated[Literal[OUTPUT_FORMATS],
+                             BeforeValidator(lambda v: "jpeg" if _lower(v) == "jpg"
+                                             else _lower(v))] = "png"
+    quality: Int = Field(90, ge=1, le=100)
+    disable_safety_checker: bool = False
 
     @field_validator("prompt")
     @classmethod
@@ -73,6 +125,33 @@ class GenerateRequest(BaseModel):
         if not value.strip():
             raise ValueError("the prompt is empty or blank")
         return value
+
+    @model_validator(mode="after")
+    def _mask_needs_image(self) -> GenerateRequest:
+        if self.mask is not None and self.image is None:
+            raise ValueError("mask needs an init image: set `image` too")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """txt2img, img2img (an init image) or inpaint (an init image and a mask)."""
+        if self.image is None:
+            return "txt2img"
+        return "img2img" if self.mask is None else "inpaint"
+
+
+def merge_aliases(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Rename other providers' field names to ours; two names for one field must agree."""
+    merged: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = ALIASES.get(key, key)
+        if name in merged and merged[name] != value:
+            given = [k for k in raw if ALIASES.get(k, k) == name]
+            raise ValueError(f"invalid input: {' and '.join(given)} name the same field "
+                             f"({name}) with different values: "
+                             f"{', '.join(_shown(raw[k]) for k in given)}")
+        merged[name] = value
+    return merged
 
 
 def _shown(value: Any, limit: int = 60) -> str:
@@ -82,7 +161,9 @@ def _shown(value: Any, limit: int = 60) -> str:
 
 
 def _describe(error: Mapping[str, Any]) -> str:
-    field = str(error["loc"][0]) if error["loc"] else "input"
+    if not error["loc"]:  # a rule across fields (model validator)
+        return str(error["msg"]).removeprefix("Value error, ")
+    field = str(error["loc"][0])
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field, RULES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -106,8 +187,9 @@ def parse_request(raw: Any) -> GenerateRequest:
     """Validate ``job["input"]``; raises ``ValueError`` with a caller-facing message."""
     if not isinstance(raw, Mapping):
         raise ValueError(f"invalid input: expected a JSON object, got {type(raw).__name__}")
+    merged = merge_aliases(raw)
     try:
-        return GenerateRequest.model_validate(dict(raw))
+        return GenerateRequest.model_validate(merged)
     except ValidationError as exc:
         raise ValueError(format_validation_error(exc)) from None
 
@@ -132,6 +214,32 @@ def _parse_bool(name: str, text: str) -> bool:
     raise ValueError(f"{name}={text!r} is invalid: use true or false")
 
 
+def _parse_safety(text: str) -> str:
+    if text.strip().lower() == "always":
+        return "always"
+    try:
+        return "on" if _parse_bool("SAFETY_CHECKER", text) else "off"
+    except ValueError:
+        raise ValueError(f"SAFETY_CHECKER={text!r} is invalid: use false, true or always") from None
+
+
+def _parse_int(name: str, text: str, low: int, high: int) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ValueError(f"{name}={text!r} is invalid: an integer from {low} to {high}")
+    return value
+
+
+# Jobs one worker holds at once. Measured (bench/RESULTS.md): batching 4 jobs raises GPU
+# throughput while each job's latency stays near one batch's time; more only queues longer.
+DEFAULT_CONCURRENCY = 4
+BUCKET_ENV = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY",
+              "BUCKET_NAME")
+
+
 class Settings(BaseModel):
     """Worker settings, read once at start from environment variables."""
 
@@ -141,23 +249,50 @@ class Settings(BaseModel):
     lightning_steps: tuple[int, ...] = (4,)
     warmup: bool = True
     download_missing: bool = True
+    max_concurrency: int = DEFAULT_CONCURRENCY
+    max_batch_images: int = 8  # images per GPU batch: bounds activation memory on 24 GB cards
+    safety_checker: Literal["off", "on", "always"] = "off"  # on: callers may disable it per job
+    # RunPod drops results over 10 MB on /run (20 MB on /runsync): refuse clearly instead.
+    max_response_mb: float = 10.0
+    bucket: Mapping[str, str] = {}  # the BUCKET_* variables that are set; upload.py reads them
 
     # Environment variable -> field. The README and hub.json list exactly these.
     ENV: ClassVar[Mapping[str, str]] = {
         "MODEL_DIR": "model_dir", "LIGHTNING_STEPS": "lightning_steps", "WARMUP": "warmup",
-        "DOWNLOAD_MISSING_WEIGHTS": "download_missing"}
+        "DOWNLOAD_MISSING_WEIGHTS": "download_missing", "MAX_CONCURRENCY": "max_concurrency",
+        "MAX_BATCH_IMAGES": "max_batch_images", "SAFETY_CHECKER": "safety_checker",
+        "MAX_RESPONSE_MB": "max_response_mb",
+        **{name: "bucket" for name in BUCKET_ENV}}
+    _PARSE: ClassVar[Mapping[str, Callable[[str, str], Any]]] = {
+        "model_dir": lambda name, text: Path(text).expanduser(),
+        "lightning_steps": lambda name, text: _parse_steps(text),
+        "warmup": _parse_bool, "download_missing": _parse_bool,
+        "safety_checker": lambda name, text: _parse_safety(text),
+        "max_concurrency": lambda name, text: _parse_int(name, text, 1, 64),
+        "max_batch_images": lambda name, text: _parse_int(name, text, 1, 64),
+        "max_response_mb": lambda name, text: float(_parse_int(name, text, 1, 1024)),
+    }
+
+    @property
+    def load_safety_checker(self) -> bool:
+        return self.safety_checker != "off"
+
+    def safety_for(self, request: GenerateRequest) -> tuple[bool, list[str]]:
+        """Whether a job's images are checked, and a warning if its wish was overruled."""
+        if self.safety_checker == "off":
+            return False, []
+        if not request.disable_safety_checker:
+            return True, []
+        if self.safety_checker == "on":
+            return False, []
+        return True, ["disable_safety_checker was ignored: this worker always runs the "
+                      "safety checker (SAFETY_CHECKER=always)"]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """Build settings from ``env``; raises ``ValueError`` naming a bad variable."""
-        values: dict[str, Any] = {}
-        if env.get("MODEL_DIR"):
-            values["model_dir"] = Path(env["MODEL_DIR"]).expanduser()
-        if env.get("LIGHTNING_STEPS"):
-            values["lightning_steps"] = _parse_steps(env["LIGHTNING_STEPS"])
-        if env.get("WARMUP"):
-            values["warmup"] = _parse_bool("WARMUP", env["WARMUP"])
-        if env.get("DOWNLOAD_MISSING_WEIGHTS"):
-            values["download_missing"] = _parse_bool("DOWNLOAD_MISSING_WEIGHTS",
-                                                     env["DOWNLOAD_MISSING_WEIGHTS"])
+        values: dict[str, Any] = {"bucket": {n: env[n] for n in BUCKET_ENV if env.get(n)}}
+        for name, key in cls.ENV.items():
+            if env.get(name) and key in cls._PARSE:
+                values[key] = cls._PARSE[key](name, env[name])
         return cls(**values)

@@ -17,8 +17,15 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model_files  # noqa: E402  (the repo root is not a package)
@@ -114,6 +121,23 @@ def _vae(out: Path) -> None:
               str(out / "vae" / model_files.VAE_WEIGHTS), metadata={"format": "pt"})
 
 
+def _safety_checker(out: Path) -> None:
+    """A tiny CLIP safety checker and preprocessor, in the layout of CompVis's repository."""
+    torch.manual_seed(2)
+    tower = dict(hidden_size=TEXT_HIDDEN, intermediate_size=37, num_attention_heads=4,
+                 num_hidden_layers=2)
+    config = CLIPConfig(text_config=dict(tower, vocab_size=520, bos_token_id=518,
+                                         eos_token_id=519, max_position_embeddings=CLIP_CONTEXT),
+                        vision_config=dict(tower, image_size=32, patch_size=8),
+                        projection_dim=TEXT_HIDDEN)
+    checker = StableDiffusionSafetyChecker(config)
+    (out / "safety_checker").mkdir(parents=True, exist_ok=True)
+    checker.config.to_json_file(str(out / "safety_checker" / "config.json"))
+    torch.save(checker.state_dict(), out / "safety_checker" / model_files.SAFETY_WEIGHTS)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                       ).save_pretrained(str(out / "feature_extractor"))
+
+
 def build(out: Path, steps: tuple[int, ...] = (4,),
           unet_channels: tuple[int, int] = (2, 4)) -> Path:
     """Write the tiny model folder at ``out`` and return it."""
@@ -129,7 +153,8 @@ def build(out: Path, steps: tuple[int, ...] = (4,),
     _unet(0, unet_channels).save_config(str(out / "unet"))
     for s in steps:  # a different random UNet per checkpoint, so tests can tell them apart
         _save_fp16(_unet(1000 + s, unet_channels).state_dict(), out / model_files.CHECKPOINTS[s])
-    missing = model_files.missing_files(out, steps)
+    _safety_checker(out)
+    missing = model_files.missing_files(out, steps, safety=True)
     if missing:
         raise RuntimeError(f"tiny model is missing {missing}")
     return out

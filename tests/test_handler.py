@@ -22,8 +22,12 @@ import handler
 import pipeline
 
 
+def call(job: dict[str, Any]) -> dict[str, Any]:
+    return asyncio.run(handler.handler(job))
+
+
 def run(**fields: Any) -> dict[str, Any]:
-    return handler.handler({"id": "test-job", "input": {"prompt": "a red fox", **fields}})
+    return call({"id": "test-job", "input": {"prompt": "a red fox", **fields}})
 
 
 def decode(uri: str) -> Image.Image:
@@ -41,14 +45,16 @@ def pixels(response: dict[str, Any]) -> list[np.ndarray]:
 class TestResponse:
     def test_shape_of_a_successful_response(self) -> None:
         response = run(width=512, height=512, seed=1337)
-        assert set(response) == {"images", "generation_time", "parameters"}
+        assert set(response) == {"images", "generation_time", "timings", "parameters"}
+        assert set(response["timings"]) == {"queue", "generate", "deliver", "total"}
         assert [item["seed"] for item in response["images"]] == [1337]
         assert isinstance(response["generation_time"], float)
         assert response["generation_time"] > 0
         assert response["parameters"] == {
             "prompt": "a red fox", "negative_prompt": None, "width": 512, "height": 512,
             "num_inference_steps": 4, "guidance_scale": 0.0, "seed": 1337, "num_images": 1,
-            "model": "ByteDance/SDXL-Lightning",
+            "mode": "txt2img", "strength": None, "scheduler": "K_EULER", "output_format": "png",
+            "quality": None, "safety_checker": False, "model": "ByteDance/SDXL-Lightning",
             "checkpoint": "sdxl_lightning_4step_unet.safetensors"}
 
     @pytest.mark.parametrize(("width", "height"), [(512, 512), (768, 512), (512, 1000)])
@@ -108,10 +114,10 @@ class TestSeeds:
 class TestErrors:
     @pytest.mark.parametrize("job_input", [
         {"prompt": ""}, {"prompt": "p", "num_images": 9}, {"prompt": "p", "seed": -1},
-        {"prompt": "p", "guidance_scale": 21}, {"prompt": "p", "steps": 4}, {"width": 512},
+        {"prompt": "p", "guidance_scale": 21}, {"prompt": "p", "num_step": 4}, {"width": 512},
         {"prompt": "p", "width": True}])
     def test_bad_input_is_one_error_string(self, job_input: dict[str, Any]) -> None:
-        response = handler.handler({"id": "bad", "input": job_input})
+        response = call({"id": "bad", "input": job_input})
         assert set(response) == {"error"}
         assert isinstance(response["error"], str)
         assert response["error"].startswith("invalid input: ")
@@ -120,14 +126,14 @@ class TestErrors:
     @pytest.mark.parametrize("job", [{}, {"id": "x"}, {"id": "x", "input": None},
                                      {"id": "x", "input": "a cat"}, {"id": "x", "input": [1]}])
     def test_malformed_jobs_do_not_raise(self, job: dict[str, Any]) -> None:
-        assert "expected a JSON object" in handler.handler(job)["error"]
+        assert "expected a JSON object" in call(job)["error"]
 
     def test_internal_failure_is_a_short_error_and_the_worker_serves_on(
             self, monkeypatch: pytest.MonkeyPatch) -> None:
         def broken(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("secret internal detail")
 
-        monkeypatch.setattr(pipeline, "generate", broken)
+        monkeypatch.setattr(pipeline, "generate_batch", broken)
         response = run(width=512, height=512)
         assert response == {"error": "internal error: RuntimeError", "refresh_worker": True}
         monkeypatch.undo()
@@ -153,7 +159,7 @@ class TestRunpodSdk:
 
     def test_internal_error_asks_runpod_to_refresh_the_worker(
             self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(pipeline, "generate", lambda *a, **k: 1 / 0)
+        monkeypatch.setattr(pipeline, "generate_batch", lambda *a, **k: 1 / 0)
         result = asyncio.run(rp_job.run_job(handler.handler, {
             "id": "sdk", "input": {"prompt": "p", "width": 512, "height": 512}}))
         assert result["error"] == "internal error: ZeroDivisionError"

@@ -107,5 +107,6 @@ class TestParameters:
         assert plan.parameters() == {
             "prompt": "p", "negative_prompt": "n", "width": 768, "height": 1344,
             "num_inference_steps": 4, "guidance_scale": 3.0, "seed": 5, "num_images": 2,
-            "model": "ByteDance/SDXL-Lightning",
+            "mode": "txt2img", "strength": None, "scheduler": "K_EULER", "output_format": "png",
+            "quality": None, "safety_checker": False, "model": "ByteDance/SDXL-Lightning",
             "checkpoint": "sdxl_lightning_4step_unet.safetensors"}

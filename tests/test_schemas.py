@@ -20,7 +20,7 @@ def rejected(raw: object) -> str:
 class TestDefaults:
     def test_only_prompt_gives_the_documented_defaults(self) -> None:
         req = parse_request({"prompt": "a cat"})
-        assert (req.width, req.height, req.num_inference_steps) == (1024, 1024, 4)
+        assert (req.width, req.height, req.num_inference_steps) == (None, None, 4)  # 1024 later
         assert (req.guidance_scale, req.seed, req.num_images) == (0.0, None, 1)
         assert req.negative_prompt is None
 

@@ -1,0 +1,154 @@
+"""The GPU executor: which jobs share a batch, and that batching never changes a job's result."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline
+from batching import BatchResult, GpuWorker
+from resolve import Plan
+
+WAIT = 60  # seconds; a bound on every wait, never an assertion on speed
+
+
+def plan(seed: int, prompt: str = "a cat", side: int = 512, images: int = 1,
+         guidance: float = 0.0) -> Plan:
+    return Plan(prompt=prompt, negative_prompt=None, width=side, height=side, steps=4,
+                guidance_scale=guidance, seeds=tuple(range(seed, seed + images)))
+
+
+class GatedFake:
+    """A batch function that records each batch and holds the first one until released."""
+
+    def __init__(self, fail_prompt: str | None = None) -> None:
+        self.batches: list[list[Plan]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail_prompt = fail_prompt
+
+    def __call__(self, plans: Sequence[Plan], on_step) -> list[list[str]]:
+        self.entered.set()
+        self.release.wait(WAIT)
+        self.batches.append(list(plans))
+        if self.fail_prompt and any(p.prompt == self.fail_prompt for p in plans):
+            raise RuntimeError("this job breaks its batch")
+        return [[f"{p.prompt}:{s}" for s in p.seeds] for p in plans]
+
+
+def submit_while_busy(worker: GpuWorker, fake: GatedFake, plans: list[Plan]) -> list:
+    """Occupy the GPU with one job, queue ``plans`` behind it, then let everything run."""
+    blocker = worker.submit(plan(999, prompt="blocker"))
+    assert fake.entered.wait(WAIT)  # the GPU thread holds the blocker: the rest must queue
+    futures = [worker.submit(p) for p in plans]
+    fake.release.set()
+    blocker.result(WAIT)
+    return [f.result(WAIT) if f.exception(WAIT) is None else f.exception() for f in futures]
+
+
+class TestBatchFormation:
+    def test_compatible_jobs_queued_together_share_one_batch(self) -> None:
+        fake = GatedFake()
+        worker = GpuWorker(fake)
+        results = submit_while_busy(worker, fake, [plan(1), plan(2), plan(3, images=2)])
+        assert [len(b) for b in fake.batches] == [1, 3]
+        assert [r.images for r in results] == [["a cat:1"], ["a cat:2"], ["a cat:3", "a cat:4"]]
+        assert all(isinstance(r, BatchResult) and r.batch_jobs == 3 for r in results)
+        worker.close(WAIT)
+
+    def test_jobs_of_different_shapes_are_never_batched_together(self) -> None:
+        fake = GatedFake()
+        worker = GpuWorker(fake)
+        plans = [plan(1), plan(2, side=768), plan(3), plan(4, guidance=2.0), plan(5, side=768)]
+        submit_while_busy(worker, fake, plans)
+        for batch in fake.batches:
+            assert len({p.shape_key for p in batch}) == 1
+        assert sorted(len(b) for b in fake.batches[1:]) == [1, 2, 2]
+        worker.close(WAIT)
+
+    def test_oldest_job_runs_first(self) -> None:
+        fake = GatedFake()
+        worker = GpuWorker(fake)
+        submit_while_busy(worker, fake, [plan(1, side=768), plan(2), plan(3, side=768)])
+        assert [p.seeds[0] for p in fake.batches[1]] == [1, 3]
+        worker.close(WAIT)
+
+    def test_batch_size_is_capped_in_images(self) -> None:
+        fake = GatedFake()
+        worker = GpuWorker(fake, max_batch_images=4)
+        submit_while_busy(worker, fake, [plan(i * 10, images=3) for i in range(3)])
+        assert [sum(len(p.seeds) for p in b) for b in fake.batches[1:]] == [3, 3, 3]
+        worker.close(WAIT)
+
+
+class TestFailures:
+    def test_a_failing_job_fails_alone_and_the_others_complete(self) -> None:
+        fake = GatedFake(fail_prompt="boom")
+        worker = GpuWorker(fake)
+        results = submit_while_busy(worker, fake, [plan(1), plan(2, prompt="boom"), plan(3)])
+        assert results[0].images == ["a cat:1"] and results[2].images == ["a cat:3"]
+        assert isinstance(results[1], RuntimeError)
+        worker.close(WAIT)
+
+    def test_worker_keeps_serving_after_a_failure(self) -> None:
+        fake = GatedFake(fail_prompt="boom")
+        fake.release.set()
+        worker = GpuWorker(fake)
+        assert isinstance(worker.submit(plan(1, prompt="boom")).exception(WAIT), RuntimeError)
+        assert worker.submit(plan(2)).result(WAIT).images == ["a cat:2"]
+        worker.close(WAIT)
+
+    def test_progress_reaches_every_job_of_a_batch(self) -> None:
+        seen: dict[str, list[int]] = {"a": [], "b": []}
+
+        def run(plans: Sequence[Plan], on_step) -> list[list[str]]:
+            for step in (1, 2, 3, 4):
+                on_step(step, 4)
+            return [["x"] * len(p.seeds) for p in plans]
+
+        worker = GpuWorker(run)
+        fa = worker.submit(plan(1), lambda d, t: seen["a"].append(d))
+        fb = worker.submit(plan(2), lambda d, t: seen["b"].append(d))
+        fa.result(WAIT), fb.result(WAIT)
+        assert seen == {"a": [1, 2, 3, 4], "b": [1, 2, 3, 4]}
+        worker.close(WAIT)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> pipeline.Model:
+    return pipeline.load(tiny_model_dir, (4,))
+
+
+class TestRealPipeline:
+    """Batches through the real SDXL pipeline on the tiny model equal lone runs."""
+
+    def test_batched_results_equal_lone_results(self, model: pipeline.Model) -> None:
+        calls: list[int] = []
+        entered, gate = threading.Event(), threading.Event()
+
+        def run(plans: Sequence[Plan], on_step) -> list[list]:
+            entered.set()
+            gate.wait(WAIT)
+            calls.append(len(plans))
+            return pipeline.generate_batch(model, plans, on_step)
+
+        worker = GpuWorker(run)
+        plans = [plan(11, prompt="a red fox"), plan(20, prompt="a dog", images=2),
+                 plan(33, prompt="the sea")]
+        blocker = worker.submit(plan(1))
+        assert entered.wait(WAIT)
+        futures = [worker.submit(p) for p in plans]
+        gate.set()
+        blocker.result(WAIT)
+        batched = [f.result(WAIT).images for f in futures]
+        assert calls == [1, 3]
+        for p, images in zip(plans, batched, strict=True):
+            alone = pipeline.generate(model, p)
+            for got, want in zip(images, alone, strict=True):
+                diff = np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16))
+                assert diff.max() <= 1
+        worker.close(WAIT)
