@@ -16,6 +16,7 @@ Layout of ``MODEL_DIR`` (it mirrors the Hugging Face repositories, so the files 
     sdxl_lightning_4step_unet.safetensors      one file per loaded step count
     safety_checker/{config.json, pytorch_model.bin}            only with the safety checker
     feature_extractor/preprocessor_config.json
+    taesdxl/{config.json, diffusion_pytorch_model.safetensors}  only with the tiny decoder
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ VAE_REVISION = "207b116dae70ace3637169f1ddd2434b91b3a8cd"
 SAFETY_REPO = "CompVis/stable-diffusion-safety-checker"
 SAFETY_REVISION = "cb41f3a270d63d454d385fc2e4f571c487c253c5"
 SAFETY_WEIGHTS = "pytorch_model.bin"
+# Only with VAE_DECODER=tiny: TAESDXL, a 1.2 M-parameter decoder for the same latents.
+TAESD_REPO = "madebyollin/taesdxl"
+TAESD_REVISION = "b20258aaef75ef61e659c1e0f14f251cf0ad153e"
+TAESD_DIR = "taesdxl"
 
 # ByteDance ships one UNet per step count; each must run with exactly that many steps (model card:
 # "always use the correct checkpoint for the corresponding inference steps").
@@ -93,16 +98,25 @@ def safety_files() -> list[RemoteFile]:
                    "preprocessor_config.json")]
 
 
-def required_files(steps: tuple[int, ...], safety: bool = False) -> list[RemoteFile]:
-    """Every file the worker needs to serve the given step checkpoints."""
+def tiny_decoder_files() -> list[RemoteFile]:
+    """TAESDXL (only when the setting chooses the tiny decoder)."""
+    return [RemoteFile(f"{TAESD_DIR}/{name}", TAESD_REPO, TAESD_REVISION, name)
+            for name in ("config.json", VAE_WEIGHTS)]
+
+
+def required_files(steps: tuple[int, ...], safety: bool = False,
+                   tiny_decoder: bool = False) -> list[RemoteFile]:
+    """Every file the worker needs to serve the given step checkpoints and options."""
     return (base_files() + [checkpoint_file(s) for s in steps]
-            + (safety_files() if safety else []))
+            + (safety_files() if safety else [])
+            + (tiny_decoder_files() if tiny_decoder else []))
 
 
-def missing_files(model_dir: Path, steps: tuple[int, ...], safety: bool = False) -> list[str]:
+def missing_files(model_dir: Path, steps: tuple[int, ...], safety: bool = False,
+                  tiny_decoder: bool = False) -> list[str]:
     """Paths (relative to ``model_dir``) of required files that are absent or empty."""
     missing = []
-    for f in required_files(steps, safety):
+    for f in required_files(steps, safety, tiny_decoder):
         p = model_dir / f.path
         if not p.is_file() or p.stat().st_size == 0:
             missing.append(f.path)

@@ -27,10 +27,10 @@ def hf_cache_path(cache: Path, f: model_files.RemoteFile) -> Path:
             / f.remote_path)
 
 
-def link_from_hf_cache(cache: Path, steps: tuple[int, ...], out: Path,
-                       safety: bool = False) -> Path | None:
+def link_from_hf_cache(cache: Path, steps: tuple[int, ...], out: Path, safety: bool = False,
+                       tiny_decoder: bool = False) -> Path | None:
     """A model folder of links into the cache, or None if any pinned file is absent."""
-    files = model_files.required_files(steps, safety)
+    files = model_files.required_files(steps, safety, tiny_decoder)
     sources = [hf_cache_path(cache, f) for f in files]
     if not all(source.is_file() for source in sources):
         return None
@@ -43,17 +43,18 @@ def link_from_hf_cache(cache: Path, steps: tuple[int, ...], out: Path,
 
 
 def locate(model_dir: Path | None, steps: tuple[int, ...], volume_root: Path = VOLUME_ROOT,
-           baked_dir: Path = BAKED_DIR, safety: bool = False) -> tuple[Path, str]:
+           baked_dir: Path = BAKED_DIR, safety: bool = False,
+           tiny_decoder: bool = False) -> tuple[Path, str]:
     """The model folder to use and where it came from (for the start-up log)."""
     if model_dir is not None:
         return model_dir, "MODEL_DIR"
     volume_dir = volume_root / "sdxl-lightning"
-    if not model_files.missing_files(volume_dir, steps, safety):
+    if not model_files.missing_files(volume_dir, steps, safety, tiny_decoder):
         return volume_dir, "network volume"
     cache = volume_root / "huggingface-cache" / "hub"
     if cache.is_dir():
         linked = link_from_hf_cache(cache, steps, Path(tempfile.mkdtemp(prefix="sdxl-cache-")),
-                                    safety)
+                                    safety, tiny_decoder)
         if linked is not None:
             return linked, f"RunPod model cache ({cache})"
     return baked_dir, "baked folder"

@@ -223,6 +223,13 @@ def _parse_safety(text: str) -> str:
         raise ValueError(f"SAFETY_CHECKER={text!r} is invalid: use false, true or always") from None
 
 
+def _parse_choice(name: str, text: str, choices: tuple[str, ...]) -> str:
+    value = text.strip().lower()
+    if value not in choices:
+        raise ValueError(f"{name}={text!r} is invalid: one of {', '.join(choices)}")
+    return value
+
+
 def _parse_int(name: str, text: str, low: int, high: int) -> int:
     try:
         value = int(text.strip())
@@ -254,6 +261,7 @@ class Settings(BaseModel):
     safety_checker: Literal["off", "on", "always"] = "off"  # on: callers may disable it per job
     # RunPod drops results over 10 MB on /run (20 MB on /runsync): refuse clearly instead.
     max_response_mb: float = 10.0
+    vae_decoder: Literal["full", "tiny"] = "full"  # tiny: TAESDXL, for previews and speed
     bucket: Mapping[str, str] = {}  # the BUCKET_* variables that are set; upload.py reads them
 
     # Environment variable -> field. The README and hub.json list exactly these.
@@ -261,7 +269,7 @@ class Settings(BaseModel):
         "MODEL_DIR": "model_dir", "LIGHTNING_STEPS": "lightning_steps", "WARMUP": "warmup",
         "DOWNLOAD_MISSING_WEIGHTS": "download_missing", "MAX_CONCURRENCY": "max_concurrency",
         "MAX_BATCH_IMAGES": "max_batch_images", "SAFETY_CHECKER": "safety_checker",
-        "MAX_RESPONSE_MB": "max_response_mb",
+        "MAX_RESPONSE_MB": "max_response_mb", "VAE_DECODER": "vae_decoder",
         **{name: "bucket" for name in BUCKET_ENV}}
     _PARSE: ClassVar[Mapping[str, Callable[[str, str], Any]]] = {
         "model_dir": lambda name, text: Path(text).expanduser(),
@@ -271,11 +279,16 @@ class Settings(BaseModel):
         "max_concurrency": lambda name, text: _parse_int(name, text, 1, 64),
         "max_batch_images": lambda name, text: _parse_int(name, text, 1, 64),
         "max_response_mb": lambda name, text: float(_parse_int(name, text, 1, 1024)),
+        "vae_decoder": lambda name, text: _parse_choice(name, text, ("full", "tiny")),
     }
 
     @property
     def load_safety_checker(self) -> bool:
         return self.safety_checker != "off"
+
+    @property
+    def tiny_decoder(self) -> bool:
+        return self.vae_decoder == "tiny"
 
     def safety_for(self, request: GenerateRequest) -> tuple[bool, list[str]]:
         """Whether a job's images are checked, and a warning if its wish was overruled."""

@@ -37,7 +37,7 @@ class StartupError(RuntimeError):
 def ensure_weights(model_dir: Path, settings: Settings) -> None:
     """Complete the model folder, fetching missing files if allowed; else explain how."""
     missing = model_files.missing_files(model_dir, settings.lightning_steps,
-                                        settings.load_safety_checker)
+                                        settings.load_safety_checker, settings.tiny_decoder)
     if not missing:
         return
     if not settings.download_missing:
@@ -46,7 +46,8 @@ def ensure_weights(model_dir: Path, settings: Settings) -> None:
     log.info("model folder %s is incomplete: fetching %d file(s)", model_dir, len(missing))
     try:
         download_weights.download(model_dir, settings.lightning_steps,
-                                  safety=settings.load_safety_checker)
+                                  safety=settings.load_safety_checker,
+                                  tiny_decoder=settings.tiny_decoder)
     except download_weights.DownloadError as exc:
         raise StartupError(f"model folder {model_dir} is incomplete and the weights could not "
                            f"be fetched: {exc}. {HOW_TO_GET_WEIGHTS}") from None
@@ -64,13 +65,15 @@ def start(settings: Settings) -> pipeline.Model:
     """Weights, load, warm-up, each timed in the log."""
     t0 = time.perf_counter()
     model_dir, source = model_location.locate(settings.model_dir, settings.lightning_steps,
-                                              safety=settings.load_safety_checker)
+                                              safety=settings.load_safety_checker,
+                                              tiny_decoder=settings.tiny_decoder)
     log.info("model folder: %s (%s)", model_dir, source)
     ensure_weights(model_dir, settings)
     t1 = time.perf_counter()
     try:
         model = pipeline.load(model_dir, settings.lightning_steps,
-                              safety=settings.load_safety_checker)
+                              safety=settings.load_safety_checker,
+                              tiny_decoder=settings.tiny_decoder)
     except pipeline.ModelFolderError as exc:
         raise StartupError(f"cannot load the model folder {model_dir}: {exc}") from None
     t2 = time.perf_counter()
@@ -79,7 +82,8 @@ def start(settings: Settings) -> pipeline.Model:
     t3 = time.perf_counter()
     log.info("ready on %s/%s with checkpoints %s%s: weights check %.2f s, load %.2f s, "
              "warm-up %.2f s", model.device, str(model.dtype).removeprefix("torch."),
-             list(model.steps), " and the safety checker" if model.safety else "",
+             list(model.steps), (" + safety checker" if model.safety else "")
+             + (" + tiny decoder" if model.tiny_decoder else ""),
              t1 - t0, t2 - t1, t3 - t2)
     return model
 

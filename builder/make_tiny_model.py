@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision-fallback notices
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from safetensors.torch import save_file
 from transformers import (
@@ -138,6 +141,18 @@ def _safety_checker(out: Path) -> None:
                        ).save_pretrained(str(out / "feature_extractor"))
 
 
+def _tiny_decoder(out: Path) -> None:
+    """A miniature TAESDXL-shaped decoder (same latent and image channels, 8x upsampling)."""
+    torch.manual_seed(3)
+    taesd = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8),
+                            decoder_block_out_channels=(8, 8, 8, 8),
+                            num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+                            latent_channels=4)
+    taesd.save_config(str(out / model_files.TAESD_DIR))
+    save_file({k: v.contiguous() for k, v in taesd.state_dict().items()},
+              str(out / model_files.TAESD_DIR / model_files.VAE_WEIGHTS), metadata={"format": "pt"})
+
+
 def build(out: Path, steps: tuple[int, ...] = (4,),
           unet_channels: tuple[int, int] = (2, 4)) -> Path:
     """Write the tiny model folder at ``out`` and return it."""
@@ -154,7 +169,8 @@ def build(out: Path, steps: tuple[int, ...] = (4,),
     for s in steps:  # a different random UNet per checkpoint, so tests can tell them apart
         _save_fp16(_unet(1000 + s, unet_channels).state_dict(), out / model_files.CHECKPOINTS[s])
     _safety_checker(out)
-    missing = model_files.missing_files(out, steps, safety=True)
+    _tiny_decoder(out)
+    missing = model_files.missing_files(out, steps, safety=True, tiny_decoder=True)
     if missing:
         raise RuntimeError(f"tiny model is missing {missing}")
     return out

@@ -170,3 +170,28 @@ class TestProgress:
 def test_generation_runs_without_grad(model: pipeline.Model) -> None:
     assert not any(p.requires_grad for p in model.pipes[4].unet.parameters())
     assert torch.is_grad_enabled()  # inference_mode is scoped to the call
+
+
+class TestSpeedOptions:
+    def test_tiny_decoder_decodes_instead_of_the_full_vae(self, tiny_model_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        model = pipeline.load(tiny_model_dir, (4,), tiny_decoder=True)
+        used: list[str] = []
+        monkeypatch.setattr(pipeline, "_decode",
+                            lambda vae, latents, _d=pipeline._decode: used.append(
+                                type(vae).__name__) or _d(vae, latents))
+        images = pipeline.generate(model, txt2img(width=768, seeds=(1, 2)))
+        assert used == ["AutoencoderTiny", "AutoencoderTiny"]
+        assert [image.size for image in images] == [(768, 512)] * 2
+
+    def test_gpu_optimisations_leave_results_unchanged(self, tiny_model_dir: Path) -> None:
+        model = pipeline.load(tiny_model_dir, (4,))
+        before = np.asarray(pipeline.generate(model, txt2img(seeds=(3,)))[0], np.int16)
+        pipeline.optimize(model)  # applied automatically on CUDA; forced here on CPU
+        unet = model.pipes[4].unet
+        assert {type(p).__name__ for p in unet.attn_processors.values()} == {
+            "FusedAttnProcessor2_0"}
+        conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        after = np.asarray(pipeline.generate(model, txt2img(seeds=(3,)))[0], np.int16)
+        assert np.abs(before - after).max() <= 1
