@@ -223,6 +223,24 @@ def _parse_safety(text: str) -> str:
         raise ValueError(f"SAFETY_CHECKER={text!r} is invalid: use false, true or always") from None
 
 
+def _parse_buckets(name: str, text: str) -> tuple[tuple[int, int], ...]:
+    """``1024x1024,832x1216``: sizes the worker can serve, multiples of 8 within the range."""
+    buckets = []
+    for part in filter(None, text.replace(" ", "").lower().split(",")):
+        try:
+            width, height = (int(side) for side in part.split("x"))
+        except ValueError:
+            width = height = 0
+        if not all(MIN_SIDE <= side <= MAX_SIDE and side % SIDE_MULTIPLE == 0
+                   for side in (width, height)):
+            raise ValueError(f"{name}={text!r} is invalid: WIDTHxHEIGHT pairs, comma-separated, "
+                             f"multiples of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}")
+        buckets.append((width, height))
+    if not buckets:
+        raise ValueError(f"{name}={text!r} is invalid: name at least one WIDTHxHEIGHT")
+    return tuple(dict.fromkeys(buckets))
+
+
 def _parse_choice(name: str, text: str, choices: tuple[str, ...]) -> str:
     value = text.strip().lower()
     if value not in choices:
@@ -262,6 +280,9 @@ class Settings(BaseModel):
     # RunPod drops results over 10 MB on /run (20 MB on /runsync): refuse clearly instead.
     max_response_mb: float = 10.0
     vae_decoder: Literal["full", "tiny"] = "full"  # tiny: TAESDXL, for previews and speed
+    compile: bool = False  # torch.compile the UNet; see compilation.py for the start-up cost
+    compile_buckets: tuple[tuple[int, int], ...] = ((1024, 1024),)
+    compile_cache_dir: Path | None = None
     bucket: Mapping[str, str] = {}  # the BUCKET_* variables that are set; upload.py reads them
 
     # Environment variable -> field. The README and hub.json list exactly these.
@@ -270,6 +291,8 @@ class Settings(BaseModel):
         "DOWNLOAD_MISSING_WEIGHTS": "download_missing", "MAX_CONCURRENCY": "max_concurrency",
         "MAX_BATCH_IMAGES": "max_batch_images", "SAFETY_CHECKER": "safety_checker",
         "MAX_RESPONSE_MB": "max_response_mb", "VAE_DECODER": "vae_decoder",
+        "COMPILE": "compile", "COMPILE_BUCKETS": "compile_buckets",
+        "COMPILE_CACHE_DIR": "compile_cache_dir",
         **{name: "bucket" for name in BUCKET_ENV}}
     _PARSE: ClassVar[Mapping[str, Callable[[str, str], Any]]] = {
         "model_dir": lambda name, text: Path(text).expanduser(),
@@ -280,6 +303,9 @@ class Settings(BaseModel):
         "max_batch_images": lambda name, text: _parse_int(name, text, 1, 64),
         "max_response_mb": lambda name, text: float(_parse_int(name, text, 1, 1024)),
         "vae_decoder": lambda name, text: _parse_choice(name, text, ("full", "tiny")),
+        "compile": _parse_bool,
+        "compile_buckets": _parse_buckets,
+        "compile_cache_dir": lambda name, text: Path(text).expanduser(),
     }
 
     @property

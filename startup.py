@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+import compilation
 import model_files
 import model_location
 import pipeline
@@ -77,11 +78,13 @@ def start(settings: Settings) -> pipeline.Model:
     except pipeline.ModelFolderError as exc:
         raise StartupError(f"cannot load the model folder {model_dir}: {exc}") from None
     t2 = time.perf_counter()
+    if settings.compile:  # warms its buckets itself, with the same generation path
+        compilation.compile_model(model, settings.compile_buckets, settings.compile_cache_dir)
     if settings.warmup:
         warm_up(model)
     t3 = time.perf_counter()
     log.info("ready on %s/%s with checkpoints %s%s: weights check %.2f s, load %.2f s, "
-             "warm-up %.2f s", model.device, str(model.dtype).removeprefix("torch."),
+             "compile + warm-up %.2f s", model.device, str(model.dtype).removeprefix("torch."),
              list(model.steps), (" + safety checker" if model.safety else "")
              + (" + tiny decoder" if model.tiny_decoder else ""),
              t1 - t0, t2 - t1, t3 - t2)
