@@ -20,8 +20,9 @@ else
 	$(PY) handler.py
 endif
 
+# PYTEST_ARGS='-m "not slow"' skips the long fuzz and load proofs (CI runs everything).
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
