@@ -30,9 +30,11 @@ import runpod
 import torch
 from PIL import Image
 
-import encoding
+import decoding
+import delivery
 import image_inputs
 import pipeline
+import safety
 import upload
 from batching import GpuWorker, StepCallback
 from resolve import Plan, resolve
@@ -44,12 +46,7 @@ log = logging.getLogger("worker")
 # Encoding (fpng ~5 ms, libjpeg ~3 ms a 1024² image) and uploads (sockets, GIL released) keep
 # up with the GPU from a few threads, never from the GPU executor.
 ENCODE_THREADS = 4
-# Lower-end bytes per pixel of encoded generated images (bench/RESULTS.md: fpng PNG 1.7-2.3,
-# JPEG/WebP q90 0.25-0.3): a plan whose estimate is already over the limit is refused before
-# any GPU work; one that only turns out too large is refused after encoding.
-BYTES_PER_PIXEL_LOW = {"png": 1.5, "jpeg": 0.1, "webp": 0.1}
-BASE64 = 4 / 3
-JSON_OVERHEAD = 4096  # parameters, warnings, timings
+
 
 
 def progress_reporter(job: dict[str, Any]) -> StepCallback | None:
@@ -94,23 +91,10 @@ def prepare(request: GenerateRequest, job: dict[str, Any]) -> tuple[Plan, list[s
     return plan, warnings + safety_warnings + truncation_warnings(plan)
 
 
-def too_large(megabytes: float, plan: Plan, estimated: bool) -> str:
-    return (f"the response {'would be at least' if estimated else 'would be'} "
-            f"{megabytes:.1f} MB, over the {SETTINGS.max_response_mb:g} MB result limit "
-            f"(MAX_RESPONSE_MB; RunPod drops larger /run results): use output_format jpeg or "
-            f"webp, fewer images, a smaller size, or a bucket (BUCKET_* settings or the job's "
-            f"s3Config) for {len(plan.seeds)} image(s) of {plan.width}x{plan.height} "
-            f"{plan.output_format}")
-
-
 def check_estimate(plan: Plan, bucket: upload.Bucket | None) -> None:
     """Refuse, before the GPU runs, a response that cannot fit the result limit."""
-    if bucket is not None:
-        return
-    pixels = plan.width * plan.height * len(plan.seeds)
-    estimate = (pixels * BYTES_PER_PIXEL_LOW[plan.output_format] * BASE64 + JSON_OVERHEAD) / 1e6
-    if estimate > SETTINGS.max_response_mb:
-        raise ValueError(too_large(estimate, plan, estimated=True))
+    if bucket is None and (mb := delivery.estimate_mb(plan)) > SETTINGS.max_response_mb:
+        raise ValueError(delivery.too_large(mb, SETTINGS.max_response_mb, plan, estimated=True))
 
 
 def bucket_for(job: dict[str, Any]) -> upload.Bucket | None:
@@ -138,22 +122,10 @@ def run_batch(plans: Sequence[Plan], on_step: StepCallback | None) -> list[list[
                     for seed in plan.seeds] for plan in plans]
     for plan, images in zip(plans, results, strict=True):
         if plan.safety_check:
-            flags = pipeline.nsfw_flags(MODEL, images)
+            flags = safety.nsfw_flags(MODEL, images)
             images[:] = [None if flagged else image for image, flagged in zip(images, flags,
                                                                                 strict=True)]
     return results
-
-
-def deliver(image: Any, index: int, plan: Plan, job_id: str,
-            bucket: upload.Bucket | None) -> str | None:
-    """One image as a data URI, or as the URL of its uploaded copy; None stays withheld."""
-    if image is None:
-        return None
-    data = encoding.encode(image, plan.output_format, plan.quality)
-    if bucket is None:
-        return encoding.data_uri(data, plan.output_format)
-    key = upload.object_key(job_id, index, encoding.EXTENSIONS[plan.output_format])
-    return UPLOADER.upload(bucket, key, data, encoding.MIME_TYPES[plan.output_format])
 
 
 async def handler(job: dict[str, Any]) -> dict[str, Any]:
@@ -175,13 +147,14 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         result = await asyncio.wrap_future(GPU.submit(plan, progress_reporter(job)))
         generated = time.perf_counter()
         uris = await asyncio.gather(*(
-            loop.run_in_executor(ENCODE_POOL, deliver, image, i, plan, job_id, bucket)
+            loop.run_in_executor(ENCODE_POOL, delivery.deliver, image, i, plan, job_id, bucket,
+                                 UPLOADER)
             for i, image in enumerate(result.images)))
         delivered = time.perf_counter()
     except upload.UploadError as exc:
         log.warning("job %s: %s", job_id, exc)
         return {"error": str(exc)}
-    except pipeline.BadOutputError:
+    except decoding.BadOutputError:
         log.error("job %s: NaN or black output even in fp32", job_id)
         return {"error": "the model produced an invalid (NaN or all-black) image even after "
                          "a full-precision decode: try another seed or prompt"}
@@ -194,10 +167,11 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         log.exception("job %s failed", job_id)
         # A failure inside torch may leave the GPU in a bad state: let RunPod replace the worker.
         return {"error": f"internal error: {type(exc).__name__}", "refresh_worker": True}
-    size_mb = (sum(len(uri or "") for uri in uris) + JSON_OVERHEAD) / 1e6
+    size_mb = delivery.response_mb(uris)
     if bucket is None and size_mb > SETTINGS.max_response_mb:
         log.warning("job %s: response of %.1f MB refused", job_id, size_mb)
-        return {"error": too_large(size_mb, plan, estimated=False)}
+        return {"error": delivery.too_large(size_mb, SETTINGS.max_response_mb, plan,
+                                            estimated=False)}
     log.info("job %s: %s %dx%d, %d step(s), %d image(s), seed %d: queue %.3f s, generate "
              "%.3f s (batch of %d), deliver %.3f s", job_id, plan.mode, plan.width, plan.height,
              plan.steps, len(plan.seeds), plan.seeds[0], result.started - queued,

@@ -28,7 +28,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-import numpy as np
 import torch
 from accelerate import init_empty_weights
 from diffusers import (
@@ -46,19 +45,19 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import (
-    CLIPImageProcessor,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
 )
 
+import decoding
 import model_files
 from resolve import Plan
+from safety import Checker, load_safety_checker
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +88,6 @@ class ModelFolderError(RuntimeError):
     """The model folder is missing files or holds files that do not load."""
 
 
-class BadOutputError(RuntimeError):
-    """The VAE decoded NaN or an all-black image, even in full precision."""
-
-
 @dataclass
 class Model:
     """The loaded worker model: one pipeline per Lightning step count, sharing modules."""
@@ -104,7 +99,7 @@ class Model:
     # its own scheduler, so no job changes the shared pipeline's state. Built on first use
     # (~16 ms each) and reused: generation runs on one thread at a time.
     views: dict[tuple[int, str, str], DiffusionPipeline] = field(default_factory=dict)
-    safety: tuple[StableDiffusionSafetyChecker, CLIPImageProcessor] | None = None
+    safety: Checker | None = None
     # TAESDXL, when VAE_DECODER=tiny: ~18x fewer decode FLOPs than the full VAE, softer details.
     tiny_decoder: AutoencoderTiny | None = None
 
@@ -168,28 +163,6 @@ def load(model_dir: Path, steps: tuple[int, ...], device: torch.device | None = 
         return model
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # corrupt or mismatched
         raise ModelFolderError(f"{type(exc).__name__}: {exc}") from None
-
-
-def load_safety_checker(model_dir: Path, device: torch.device,
-                        dtype: torch.dtype) -> tuple[StableDiffusionSafetyChecker,
-                                                     CLIPImageProcessor]:
-    checker = StableDiffusionSafetyChecker.from_pretrained(model_dir / "safety_checker",
-                                                           dtype=dtype).to(device)
-    return checker.eval(), CLIPImageProcessor.from_pretrained(model_dir / "feature_extractor")
-
-
-def nsfw_flags(model: Model, images: Sequence[Image.Image]) -> list[bool]:
-    """The safety checker's verdict per image (one CLIP image pass each)."""
-    if model.safety is None:
-        raise RuntimeError("the safety checker is not loaded (SAFETY_CHECKER=false)")
-    checker, processor = model.safety
-    pixels = processor(list(images), return_tensors="pt").pixel_values
-    with torch.inference_mode():
-        # The checker also blacks out flagged images in the array it is given: hand it a dummy,
-        # since the worker withholds flagged images instead of returning black pictures.
-        _, flags = checker(images=np.zeros((len(images), 1, 1, 3), np.float32),
-                           clip_input=pixels.to(model.device, model.dtype))
-    return [bool(flag) for flag in flags]
 
 
 def _load(model_dir: Path, steps: tuple[int, ...], device: torch.device,
@@ -285,53 +258,12 @@ def generate_batch(model: Model, plans: Sequence[Plan],
 
         kwargs["callback_on_step_end"] = callback
     with torch.inference_mode():
-        images = decode_latents(model.tiny_decoder or pipe.vae, pipe(**kwargs).images)
+        images = decoding.decode_latents(model.tiny_decoder or pipe.vae, pipe(**kwargs).images)
     out, start = [], 0
     for p in plans:
         out.append(images[start:start + len(p.seeds)])
         start += len(p.seeds)
     return out
-
-
-def _decode(vae: AutoencoderKL | AutoencoderTiny, latents: torch.Tensor) -> torch.Tensor:
-    """Latents to pixels in [0, 1], NCHW (SDXL's VAE has no latents mean/std, only a scale;
-    TAESDXL's scale is 1: it decodes the scaled latents directly)."""
-    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return (pixels / 2 + 0.5).clamp(0, 1)
-
-
-def _usable(pixels: torch.Tensor) -> bool:
-    """NaN (clamp keeps it) or all zeros: the classic fp16 VAE failure, never a real image."""
-    return not bool(torch.isnan(pixels).any()) and bool((pixels > 0).any())
-
-
-def _decode_fp32(vae: AutoencoderKL | AutoencoderTiny, latents: torch.Tensor) -> torch.Tensor:
-    """Decode in full precision, then put the VAE back in its own dtype whatever happens."""
-    dtype = vae.dtype
-    try:
-        return _decode(vae.to(torch.float32), latents.float())
-    finally:
-        vae.to(dtype)
-
-
-def decode_latents(vae: AutoencoderKL | AutoencoderTiny,
-                   latents: torch.Tensor) -> list[Image.Image]:
-    """Decode one image at a time (bounds a batch's decode memory), each checked.
-
-    A NaN or all-black image from a half-precision VAE is decoded again in fp32; if that fails
-    too, ``BadOutputError``: such an image is never returned as a success.
-    """
-    images = []
-    for one in latents.split(1):
-        pixels = _decode(vae, one)
-        if not _usable(pixels) and vae.dtype != torch.float32:
-            log.warning("VAE output in %s was NaN or black: decoding again in fp32", vae.dtype)
-            pixels = _decode_fp32(vae, one)
-        if not _usable(pixels):
-            raise BadOutputError("the VAE decoded a NaN or all-black image")
-        array = (pixels[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        images.append(Image.fromarray(array))
-    return images
 
 
 def generate(model: Model, plan: Plan, on_step: StepCallback | None = None) -> list[Image.Image]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import decoding
 import pipeline
 from builder import make_tiny_model
 from resolve import Plan, resolve
@@ -177,8 +178,8 @@ class TestSpeedOptions:
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
         model = pipeline.load(tiny_model_dir, (4,), tiny_decoder=True)
         used: list[str] = []
-        monkeypatch.setattr(pipeline, "_decode",
-                            lambda vae, latents, _d=pipeline._decode: used.append(
+        monkeypatch.setattr(decoding, "_decode",
+                            lambda vae, latents, _d=decoding._decode: used.append(
                                 type(vae).__name__) or _d(vae, latents))
         images = pipeline.generate(model, txt2img(width=768, seeds=(1, 2)))
         assert used == ["AutoencoderTiny", "AutoencoderTiny"]

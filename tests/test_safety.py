@@ -13,6 +13,7 @@ from PIL import Image
 
 import handler
 import pipeline
+import safety
 from schemas import Settings, parse_request
 
 
@@ -53,9 +54,9 @@ class TestChecker:
     def test_flags_follow_the_checker(self, checked_model: pipeline.Model) -> None:
         images = [Image.new("RGB", (512, 512), (i * 60, 10, 10)) for i in range(3)]
         set_verdict(checked_model, flag_everything=True)
-        assert pipeline.nsfw_flags(checked_model, images) == [True, True, True]
+        assert safety.nsfw_flags(checked_model, images) == [True, True, True]
         set_verdict(checked_model, flag_everything=False)
-        assert pipeline.nsfw_flags(checked_model, images) == [False, False, False]
+        assert safety.nsfw_flags(checked_model, images) == [False, False, False]
 
     @pytest.mark.parametrize(("text", "mode"), [("true", "on"), ("0", "off"),
                                                 ("ALWAYS", "always")])
@@ -85,7 +86,7 @@ class TestWithholding:
 
     def test_only_the_flagged_image_of_a_batch_is_withheld(
             self, worker_with_checker: pipeline.Model, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(pipeline, "nsfw_flags", lambda model, images: [True, False])
+        monkeypatch.setattr(safety, "nsfw_flags", lambda model, images: [True, False])
         items = run(num_images=2)["images"]
         assert items[0] == {"image": None, "seed": 1, "nsfw": True}
         assert items[1]["nsfw"] is False and items[1]["image"]
