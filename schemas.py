@@ -280,6 +280,7 @@ class Settings(BaseModel):
     # RunPod drops results over 10 MB on /run (20 MB on /runsync): refuse clearly instead.
     max_response_mb: float = 10.0
     vae_decoder: Literal["full", "tiny"] = "full"  # tiny: TAESDXL, for previews and speed
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # the image sets cuda: no GPU, no jobs
     compile: bool = False  # torch.compile the UNet; see compilation.py for the start-up cost
     compile_buckets: tuple[tuple[int, int], ...] = ((1024, 1024),)
     compile_cache_dir: Path | None = None
@@ -292,7 +293,7 @@ class Settings(BaseModel):
         "MAX_BATCH_IMAGES": "max_batch_images", "SAFETY_CHECKER": "safety_checker",
         "MAX_RESPONSE_MB": "max_response_mb", "VAE_DECODER": "vae_decoder",
         "COMPILE": "compile", "COMPILE_BUCKETS": "compile_buckets",
-        "COMPILE_CACHE_DIR": "compile_cache_dir",
+        "COMPILE_CACHE_DIR": "compile_cache_dir", "DEVICE": "device",
         **{name: "bucket" for name in BUCKET_ENV}}
     _PARSE: ClassVar[Mapping[str, Callable[[str, str], Any]]] = {
         "model_dir": lambda name, text: Path(text).expanduser(),
@@ -303,6 +304,7 @@ class Settings(BaseModel):
         "max_batch_images": lambda name, text: _parse_int(name, text, 1, 64),
         "max_response_mb": lambda name, text: float(_parse_int(name, text, 1, 1024)),
         "vae_decoder": lambda name, text: _parse_choice(name, text, ("full", "tiny")),
+        "device": lambda name, text: _parse_choice(name, text, ("auto", "cuda", "cpu")),
         "compile": _parse_bool,
         "compile_buckets": _parse_buckets,
         "compile_cache_dir": lambda name, text: Path(text).expanduser(),

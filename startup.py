@@ -11,6 +11,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 import compilation
 import model_files
 import model_location
@@ -62,9 +64,25 @@ def warm_up(model: pipeline.Model) -> None:
                                       seeds=(0,)))
 
 
+def choose_device(wanted: str) -> tuple[torch.device, torch.dtype]:
+    """The device to load onto: ``auto`` takes CUDA if present; ``cuda`` insists on a GPU
+    that really works (a worker on a broken or missing GPU must not take jobs)."""
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu"), torch.float32
+    if not torch.cuda.is_available():
+        raise StartupError("DEVICE=cuda but no usable CUDA device is visible "
+                           "(torch.cuda.is_available() is False): check the GPU and driver")
+    try:
+        torch.ones(1, device="cuda").add_(1).item()  # initialises the context, fails if broken
+    except RuntimeError as exc:
+        raise StartupError(f"the CUDA device does not work: {exc}") from None
+    return torch.device("cuda"), torch.float16
+
+
 def start(settings: Settings) -> pipeline.Model:
     """Weights, load, warm-up, each timed in the log."""
     t0 = time.perf_counter()
+    device, dtype = choose_device(settings.device)
     model_dir, source = model_location.locate(settings.model_dir, settings.lightning_steps,
                                               safety=settings.load_safety_checker,
                                               tiny_decoder=settings.tiny_decoder)
@@ -72,7 +90,7 @@ def start(settings: Settings) -> pipeline.Model:
     ensure_weights(model_dir, settings)
     t1 = time.perf_counter()
     try:
-        model = pipeline.load(model_dir, settings.lightning_steps,
+        model = pipeline.load(model_dir, settings.lightning_steps, device, dtype,
                               safety=settings.load_safety_checker,
                               tiny_decoder=settings.tiny_decoder)
     except pipeline.ModelFolderError as exc:

@@ -136,3 +136,24 @@ class TestGpu:
                                                seeds=(1, 2)))
         assert [image.size for image in images] == [(512, 512)] * 2
         assert all(np.isfinite(np.asarray(image, dtype=np.float32)).all() for image in images)
+
+
+class TestDevice:
+    def test_cuda_required_but_absent_stops_the_worker(self) -> None:
+        result = worker("--test_input", job(), DEVICE="cuda", CUDA_VISIBLE_DEVICES="")
+        assert result.returncode == 1
+        assert "DEVICE=cuda but no usable CUDA device is visible" in result.stderr
+
+    def test_bad_device_setting_is_named(self) -> None:
+        result = worker("--test_input", job(), DEVICE="tpu")
+        assert result.returncode == 1 and "DEVICE='tpu' is invalid" in result.stderr
+
+    def test_cpu_is_chosen_without_a_gpu(self) -> None:
+        import torch
+
+        from startup import choose_device
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        assert choose_device("auto") == (torch.device("cpu"), torch.float32)
+        assert choose_device("cpu") == (torch.device("cpu"), torch.float32)
