@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from s3_server import ALLOW, MotoS3
 
 import encoding
 import handler
 import upload
-from s3_server import ALLOW, MotoS3
 
 MAGIC = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
 
