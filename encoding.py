@@ -28,13 +28,13 @@ also holds the GIL, so PNG encodes do not overlap in threads; at ~5 ms each that
 
 from __future__ import annotations
 
-import base64
 import io
 import numbers
 from typing import Any
 
 import fpng
 import numpy as np
+import pybase64  # SIMD base64: ~5x faster than the stdlib's on a 2.4 MB PNG (bench)
 from PIL import Image
 
 FORMATS = ("png", "jpeg", "webp")
@@ -96,7 +96,7 @@ def data_uri(data: bytes, fmt: str | None = None) -> str:
         raise ValueError(f"not PNG, JPEG or WebP data (starts with {bytes(data[:12])!r})")
     if fmt is not None and fmt != found:
         raise ValueError(f"data is {found}, not {fmt!r}")
-    return f"data:{MIME_TYPES[found]};base64,{base64.b64encode(data).decode('ascii')}"
+    return f"data:{MIME_TYPES[found]};base64,{pybase64.b64encode(data).decode('ascii')}"
 
 
 def _rgb_image(image: Image.Image) -> Image.Image:

@@ -26,6 +26,10 @@ from typing import Any
 # runpod's default level (DEBUG) logs every job's whole output, base64 images included.
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
+import prefetch
+
+prefetch.start_from_env()  # reads the weights into the page cache while torch imports
+
 import runpod
 import torch
 from PIL import Image

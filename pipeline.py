@@ -15,8 +15,10 @@ and VAE modules, so a second checkpoint costs only its UNet.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +104,9 @@ class Model:
     safety: Checker | None = None
     # TAESDXL, when VAE_DECODER=tiny: ~18x fewer decode FLOPs than the full VAE, softer details.
     tiny_decoder: AutoencoderTiny | None = None
+    # Token counting runs in request threads while the GPU thread encodes prompts; the Rust
+    # tokenizer's padding/truncation state is per object, so counting uses its own copy.
+    token_counter: tuple[CLIPTokenizer, threading.Lock] | None = None
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -183,7 +188,8 @@ def _load(model_dir: Path, steps: tuple[int, ...], device: torch.device,
                                          add_watermarker=False)  # watermarking is a CPU round trip
         pipe.set_progress_bar_config(disable=True)
         pipes[s] = pipe
-    return Model(pipes=pipes, device=device, dtype=dtype)
+    return Model(pipes=pipes, device=device, dtype=dtype,
+                 token_counter=(copy.deepcopy(shared["tokenizer"]), threading.Lock()))
 
 
 def optimize(model: Model) -> None:
@@ -206,8 +212,10 @@ def modules_to_optimize(model: Model) -> list[torch.nn.Module]:
 
 
 def prompt_tokens(model: Model, text: str) -> int:
-    """How many CLIP tokens ``text`` takes, start and end tokens included."""
-    return len(model.tokenizer(text, truncation=False).input_ids)
+    """How many CLIP tokens ``text`` takes, start and end tokens included (thread-safe)."""
+    tokenizer, lock = model.token_counter
+    with lock:
+        return len(tokenizer(text, truncation=False).input_ids)
 
 
 def view(model: Model, steps: int, mode: str, scheduler: str) -> DiffusionPipeline:

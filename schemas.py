@@ -258,9 +258,11 @@ def _parse_int(name: str, text: str, low: int, high: int) -> int:
     return value
 
 
-# Jobs one worker holds at once. Measured (bench/RESULTS.md): batching 4 jobs raises GPU
-# throughput while each job's latency stays near one batch's time; more only queues longer.
-DEFAULT_CONCURRENCY = 4
+# Jobs one worker holds at once. 2 keeps the GPU busy while the previous job is decoded,
+# encoded and sent, at about twice a lone job's latency; on the CPU (bench/RESULTS.md,
+# "Throughput") 4 and 8 only queued longer. Whether larger GPU batches are cheaper per image
+# at 1024² needs `bench/throughput.py --device cuda`: raise it where they are.
+DEFAULT_CONCURRENCY = 2
 BUCKET_ENV = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY",
               "BUCKET_NAME")
 

@@ -142,3 +142,32 @@ class TestGeneration:
         short = pipeline.prompt_tokens(model, "a cat")
         assert short >= 3  # start, end and at least one content token
         assert pipeline.prompt_tokens(model, "a cat " * 100) > 77
+
+
+class TestThreadSafety:
+    def test_counting_tokens_never_disturbs_the_pipelines_tokenizer(
+            self, model: pipeline.Model) -> None:
+        """Request threads count tokens while the GPU thread encodes prompts as diffusers does
+        (padded to 77): the padded encodes must all stay 77 tokens long."""
+        import threading
+
+        stop = threading.Event()
+
+        def count() -> None:
+            while not stop.is_set():
+                pipeline.prompt_tokens(model, "a cat " * 40)
+
+        counters = [threading.Thread(target=count) for _ in range(2)]
+        for thread in counters:
+            thread.start()
+        lengths = set()
+        try:
+            for _ in range(1500):
+                ids = model.tokenizer("a dog", padding="max_length", max_length=77,
+                                      truncation=True).input_ids
+                lengths.add(len(ids))
+        finally:
+            stop.set()
+            for thread in counters:
+                thread.join(30)
+        assert lengths == {77}
