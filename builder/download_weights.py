@@ -2,20 +2,22 @@
 
 Only what ``model_files.required_files`` lists: SDXL base's text encoders, tokenizers, scheduler
 and UNet *config* (not its 5 GB of UNet weights, which Lightning replaces), the fp16-fix VAE, and
-the Lightning checkpoint of each configured step count. Each file is streamed to ``NAME.part``,
-checked (length against Content-Length, JSON parses, safetensors header and size agree), and only
-then renamed into place, so a folder never holds a truncated file. A file already present and
-valid is skipped; a failed file is retried with backoff.
+the Lightning checkpoint of each step count; the safety checker and TAESDXL when asked. Each file
+is streamed to ``NAME.part``, checked (length against Content-Length, JSON parses, safetensors
+header and size agree), and only then renamed into place, so a folder never holds a truncated
+file. A file already present and valid is skipped; a failed file is retried with backoff.
 
 Runs at image build time (``Dockerfile``) and, when the worker starts without weights, at start.
 ``HF_ENDPOINT`` (the Hugging Face convention) points it at a mirror; ``HF_TOKEN`` is sent if set.
 
-Usage: ``python builder/download_weights.py MODEL_DIR [--steps 4 [8 ...]]``
+Usage: ``python builder/download_weights.py MODEL_DIR [--steps 4 [8 ...]] [--safety-checker]
+[--tiny-decoder]``
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ import struct
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -45,17 +48,46 @@ def file_url(endpoint: str, f: model_files.RemoteFile) -> str:
     return f"{endpoint.rstrip('/')}/{f.repo}/resolve/{f.revision}/{f.remote_path}"
 
 
-def check_file(path: Path) -> str | None:
-    """Why ``path`` is not a usable model file, or None if it is."""
+def _origin(url: str) -> tuple[str, str]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+class _SameOriginAuthRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, keeping ``Authorization`` only while the origin stays the same.
+
+    The Hub answers ``resolve`` for large files with a redirect to a CDN's signed URL: urllib
+    would forward the token there, leaking it and, on signed URLs, failing with a second
+    credential. ``requests`` (huggingface_hub) strips it the same way.
+    """
+
+    def redirect_request(self, req: urllib.request.Request, fp, code: int, msg: str,
+                         headers, newurl: str) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+_OPENER = urllib.request.build_opener(_SameOriginAuthRedirects)
+
+
+def check_file(path: Path, name: str | None = None) -> str | None:
+    """Why ``path`` is not a usable model file, or None if it is.
+
+    ``name``: the file name that decides the format, when ``path`` is a download in progress
+    (``X.safetensors.part`` must be checked as a safetensors file, not as a ``.part``).
+    """
     size = path.stat().st_size
     if size == 0:
         return "empty"
-    if path.suffix == ".json":
+    suffix = Path(name or path.name).suffix
+    if suffix == ".json":
         try:
             json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
             return f"not valid JSON ({exc})"
-    elif path.suffix == ".safetensors":
+    elif suffix == ".safetensors":
         return _check_safetensors(path, size)
     return None
 
@@ -71,9 +103,10 @@ def _check_safetensors(path: Path, size: int) -> str | None:
             return "corrupt safetensors header length"
         try:
             header = json.loads(fh.read(header_len))
-        except ValueError:
+            ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            # Valid JSON of the wrong shape is as corrupt as invalid JSON: say so, never crash.
             return "corrupt safetensors header"
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
     expected = 8 + header_len + max(ends, default=0)
     if size != expected:
         return f"size {size} B but its header describes {expected} B (truncated or corrupt)"
@@ -85,7 +118,7 @@ def _fetch(url: str, dest: Path, token: str | None, timeout: float) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "sdxl-lightning-worker"})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=timeout) as response, dest.open("wb") as out:
+    with _OPENER.open(request, timeout=timeout) as response, dest.open("wb") as out:
         expected = response.headers.get("Content-Length")
         received = 0
         while chunk := response.read(CHUNK):
@@ -108,7 +141,7 @@ def download_file(f: model_files.RemoteFile, model_dir: Path, endpoint: str,
     for attempt in range(1, attempts + 1):
         try:
             _fetch(url, part, token, timeout)
-            problem = check_file(part)
+            problem = check_file(part, dest.name)
             if problem is None:
                 os.replace(part, dest)
                 return True
@@ -121,7 +154,9 @@ def download_file(f: model_files.RemoteFile, model_dir: Path, endpoint: str,
             if isinstance(exc.reason, socket.gaierror):  # no DNS: an offline machine, say so now
                 raise DownloadError(f"{url}: cannot resolve the host ({exc.reason})") from None
             error = exc
-        except (OSError, DownloadError) as exc:  # timeouts and connection resets are OSErrors
+        # Timeouts and connection resets are OSErrors; a body cut short in chunked encoding is
+        # http.client.IncompleteRead, an HTTPException: retried like any other broken transfer.
+        except (OSError, http.client.HTTPException, DownloadError) as exc:
             error = exc
         part.unlink(missing_ok=True)
         log.warning("%s: attempt %d/%d failed: %s", f.path, attempt, attempts, error)
@@ -131,12 +166,14 @@ def download_file(f: model_files.RemoteFile, model_dir: Path, endpoint: str,
 
 
 def download(model_dir: Path, steps: tuple[int, ...], endpoint: str | None = None,
-             **kwargs: float) -> int:
-    """Fill ``model_dir`` for the given checkpoints; returns how many files were fetched."""
+             safety: bool = False, tiny_decoder: bool = False, **kwargs: float) -> int:
+    """Fill ``model_dir`` for the given checkpoints, plus the safety checker and the tiny
+    decoder (TAESDXL) when asked; returns how many files were fetched. ``kwargs`` go to
+    ``download_file``."""
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
     token = os.environ.get("HF_TOKEN") or None
     fetched = 0
-    for f in model_files.required_files(steps):
+    for f in model_files.required_files(steps, safety, tiny_decoder):
         started = time.monotonic()
         if download_file(f, model_dir, endpoint, token, **kwargs):
             fetched += 1
@@ -151,10 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--steps", type=int, nargs="+", default=[4],
                         choices=sorted(model_files.CHECKPOINTS), help="checkpoints to fetch")
+    parser.add_argument("--safety-checker", action="store_true",
+                        help="also fetch the safety checker (for SAFETY_CHECKER=true/always)")
+    parser.add_argument("--tiny-decoder", action="store_true",
+                        help="also fetch TAESDXL, the tiny VAE decoder (for VAE_DECODER=tiny)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        fetched = download(args.model_dir, tuple(sorted(set(args.steps))))
+        fetched = download(args.model_dir, tuple(sorted(set(args.steps))),
+                           safety=args.safety_checker, tiny_decoder=args.tiny_decoder)
     except DownloadError as exc:
         log.error("%s", exc)
         return 1

@@ -1,0 +1,308 @@
+"""examples/client.py: against the worker's real local API server, and a RunPod-like stand-in.
+
+The local server (``python handler.py --rp_serve_api``, serving the tiny model that conftest
+builds) checks the whole path: submit, POST-only ``/status``, decode, save. A small stand-in for
+RunPod's cloud API on 127.0.0.1 checks what the local server cannot show: ``GET /status``,
+``IN_QUEUE``/``IN_PROGRESS`` with progress in ``output``, the API key, failures and the deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import importlib.util
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_START_TIMEOUT_S = 240  # imports torch and loads the tiny model: ~10-20 s, slower if busy
+
+
+def _load_client() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("example_client", ROOT / "examples" / "client.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+client = _load_client()
+
+
+def png(width: int = 8, height: int = 8, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ---- a stand-in for RunPod's cloud API ------------------------------------------------------
+
+
+@dataclass
+class FakeApi:
+    """Answers /run with IN_QUEUE, then plays ``statuses`` on GET /status/{id}, one per poll."""
+
+    statuses: list[dict[str, Any]]
+    files: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # path -> (body, type)
+    seen: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, auth
+    url: str = ""
+
+    def answer(self, method: str, path: str) -> tuple[int, bytes, str]:
+        if path in self.files:
+            body, content_type = self.files[path]
+            return 200, body, content_type
+        if method == "POST" and path in ("/run", "/runsync"):
+            return 200, json.dumps({"id": "job-1", "status": "IN_QUEUE"}).encode(), \
+                "application/json"
+        if method == "GET" and path == "/status/job-1":
+            status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+            return 200, json.dumps({"id": "job-1", **status}).encode(), "application/json"
+        return 404, b"{}", "application/json"
+
+
+@pytest.fixture
+def fake_api() -> Iterator[FakeApi]:
+    api = FakeApi(statuses=[])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def _reply(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            api.seen.append((method, self.path, self.headers.get("Authorization")))
+            code, body, content_type = api.answer(method, self.path)
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._reply("GET")
+
+        def do_POST(self) -> None:
+            self._reply("POST")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    api.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield api
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+# ---- the worker's own local API server ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``python handler.py --rp_serve_api`` on a free port, with conftest's MODEL_DIR."""
+    assert os.environ.get("MODEL_DIR"), "conftest points MODEL_DIR at the tiny model"
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_WEBHOOK")}
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
+             "--rp_api_port", str(port)],
+            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited ({proc.returncode}):\n"
+                            f"{log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/openapi.json", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no answer in {SERVER_START_TIMEOUT_S} s:\n"
+                            f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+def saved(out: Path) -> list[Path]:
+    return sorted(out.iterdir()) if out.exists() else []
+
+
+class TestAgainstTheLocalServer:
+    def test_run_then_status_saves_a_png_of_the_requested_size(
+            self, local_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        job = {"prompt": "a lighthouse at dusk", "width": 512, "height": 640, "seed": 3}
+        code = client.main(["--base-url", local_server, "--input", json.dumps(job),
+                            "--out", str(tmp_path), "--poll-interval", "0.1", "--timeout", "300"])
+        assert code == 0, capsys.readouterr().err
+        [path] = saved(tmp_path)
+        assert path.suffix == ".png" and "seed3" in path.name
+        assert str(path) in capsys.readouterr().out
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.size == (512, 640)
+
+    def test_sync_saves_every_image_of_a_batch(self, local_server: str, tmp_path: Path) -> None:
+        code = client.main(["--base-url", local_server, "--prompt", "a red fox", "--input",
+                            '{"num_images": 2, "width": 512, "height": 512, "seed": 10}',
+                            "--sync", "--out", str(tmp_path), "--timeout", "300"])
+        assert code == 0
+        paths = saved(tmp_path)
+        assert [p.name.split("-seed")[1] for p in paths] == ["10.png", "11.png"]
+        for path in paths:
+            with Image.open(path) as image:
+                assert image.size == (512, 512)
+
+    def test_a_rejected_input_exits_1_with_the_workers_message(
+            self, local_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        code = client.main(["--base-url", local_server, "--input",
+                            '{"prompt": "p", "num_images": 9}', "--out", str(tmp_path),
+                            "--timeout", "300", "--poll-interval", "0.1"])
+        assert code == 1
+        err = capsys.readouterr().err
+        assert "FAILED" in err and "num_images" in err
+        assert saved(tmp_path) == []
+
+
+class TestAgainstTheRunPodApi:
+    def test_polls_with_get_reports_progress_and_sends_the_key(
+            self, fake_api: FakeApi, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        image = data_uri(png(16, 24), "image/png")
+        fake_api.statuses = [
+            {"status": "IN_QUEUE"},
+            {"status": "IN_PROGRESS", "output": {"step": 1, "of": 4}},
+            {"status": "IN_PROGRESS", "output": {"step": 1, "of": 4}},  # unchanged: shown once
+            {"status": "IN_PROGRESS", "output": {"step": 3, "of": 4}},
+            {"status": "COMPLETED", "output": {"images": [{"image": image, "seed": 5}],
+                                               "warnings": ["width 1000 was snapped"]}},
+        ]
+        with caplog.at_level(logging.INFO, logger="sdxl-lightning-client"):
+            code = client.main(["--base-url", fake_api.url, "--api-key", "rp_key", "--prompt",
+                                "p", "--out", str(tmp_path), "--poll-interval", "0.01",
+                                "--timeout", "60"])
+        assert code == 0
+        methods = {(m, p) for m, p, _ in fake_api.seen}
+        assert methods == {("POST", "/run"), ("GET", "/status/job-1")}
+        assert {auth for _, _, auth in fake_api.seen} == {"Bearer rp_key"}
+        progress = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
+        assert len(progress) == 2 and "'step': 3" in progress[1]
+        [path] = saved(tmp_path)
+        assert path.name == "job-1-0-seed5.png"
+        with Image.open(path) as saved_image:
+            assert saved_image.size == (16, 24)
+
+    def test_a_failed_job_exits_1_and_shows_its_error(
+            self, fake_api: FakeApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        fake_api.statuses = [{"status": "FAILED", "error": "out of GPU memory"}]
+        code = client.main(["--base-url", fake_api.url, "--prompt", "p", "--out",
+                            str(tmp_path), "--poll-interval", "0.01", "--timeout", "60"])
+        assert code == 1
+        assert "out of GPU memory" in capsys.readouterr().err
+
+    def test_gives_up_at_the_deadline(self, fake_api: FakeApi, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+        fake_api.statuses = [{"status": "IN_PROGRESS"}]
+        code = client.main(["--base-url", fake_api.url, "--prompt", "p", "--out",
+                            str(tmp_path), "--poll-interval", "0.05", "--timeout", "0.5"])
+        assert code == 1
+        assert "timed out" in capsys.readouterr().err
+
+    def test_the_runpod_api_needs_a_key(self, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+        monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+        code = client.main(["--endpoint-id", "abc123", "--prompt", "p", "--out", str(tmp_path)])
+        assert code == 1
+        assert "API key" in capsys.readouterr().err
+
+
+class TestImages:
+    @pytest.mark.parametrize("mime, fmt, ext", [("image/png", "PNG", ".png"),
+                                                ("image/jpeg", "JPEG", ".jpg"),
+                                                ("image/webp", "WEBP", ".webp")])
+    def test_a_data_uri_is_saved_with_its_types_extension(
+            self, tmp_path: Path, mime: str, fmt: str, ext: str) -> None:
+        data = png(fmt=fmt)
+        endpoint = client.Endpoint("http://127.0.0.1:9", None, time.monotonic() + 30)
+        [path] = client.save_images({"images": [{"image": data_uri(data, mime), "seed": 1}]},
+                                    "job", tmp_path, endpoint)
+        assert path.suffix == ext
+        assert path.read_bytes() == data
+
+    @pytest.mark.parametrize("route, content_type, ext", [
+        ("/bucket/a", "image/webp", ".webp"),
+        ("/bucket/b.jpeg", "application/octet-stream", ".jpg"),  # type from the URL's suffix
+    ])
+    def test_an_image_url_is_downloaded(self, fake_api: FakeApi, tmp_path: Path, route: str,
+                                        content_type: str, ext: str) -> None:
+        data = png(fmt="WEBP" if ext == ".webp" else "JPEG")
+        fake_api.files[route] = (data, content_type)
+        endpoint = client.Endpoint(fake_api.url, "rp_key", time.monotonic() + 30)
+        [path] = client.save_images({"images": [{"image": f"{fake_api.url}{route}"}]}, "job",
+                                    tmp_path, endpoint)
+        assert path.suffix == ext and path.read_bytes() == data
+        assert fake_api.seen == [("GET", route, None)]  # the API key stays with the API
+
+    @pytest.mark.parametrize("ref", ["data:image/gif;base64,R0lGOD==", "data:image/png,abc",
+                                     "iVBORw0KGgo=", "data:image/png;base64,***"])
+    def test_an_unusable_image_is_an_error(self, tmp_path: Path, ref: str) -> None:
+        endpoint = client.Endpoint("http://127.0.0.1:9", None, time.monotonic() + 30)
+        with pytest.raises(client.ClientError):
+            client.save_images({"images": [{"image": ref}]}, "job", tmp_path, endpoint)
+
+
+class TestInput:
+    def test_a_test_input_file_is_unwrapped_and_prompt_overrides(self, tmp_path: Path) -> None:
+        path = tmp_path / "in.json"
+        path.write_text(json.dumps({"input": {"prompt": "old", "width": 768}}))
+        args = client.parse_args(["--base-url", "http://x", "--input", f"@{path}",
+                                  "--prompt", "new"])
+        assert client.job_input_from(args) == {"prompt": "new", "width": 768}
+
+    @pytest.mark.parametrize("argv", [["--input", "{not json"], ["--input", "[1]"],
+                                      ["--input", '{"width": 512}']])
+    def test_bad_or_promptless_input_is_refused(self, argv: list[str]) -> None:
+        args = client.parse_args(["--base-url", "http://x", *argv])
+        with pytest.raises(client.ClientError):
+            client.job_input_from(args)
