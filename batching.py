@@ -124,9 +124,10 @@ class GpuWorker:
         try:
             results = self._run_batch([p.plan for p in batch],
                                       _fan_out([p.on_step for p in batch if p.on_step]))
-        except Exception as exc:  # noqa: BLE001 - decided per job below
-            if len(batch) == 1:
-                batch[0].future.set_exception(exc)
+        except BaseException as exc:  # noqa: BLE001 - a dead GPU thread would hang every job
+            if not isinstance(exc, Exception) or len(batch) == 1:
+                for pending in batch:
+                    pending.future.set_exception(exc)
                 return
             log.warning("batch of %d jobs failed (%s): re-running each alone", len(batch),
                         type(exc).__name__)

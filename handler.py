@@ -145,6 +145,9 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         log.info("job %s rejected", job_id)  # the message may quote the prompt: DEBUG only
         log.debug("job %s: %s", job_id, exc)
         return {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - a bug in input handling must not crash the job
+        log.exception("job %s: preparing the input failed", job_id)
+        return {"error": f"internal error: {type(exc).__name__}"}
     loop = asyncio.get_running_loop()
     try:
         queued = time.perf_counter()

@@ -117,10 +117,11 @@ def sizes_from_image(req: GenerateRequest, image_size: tuple[int, int]) -> tuple
     img_w, img_h = image_size
     if req.width is not None and req.height is not None:
         return req.width, req.height
+    # Integer arithmetic: a side may be any huge integer (clamped later); floats would overflow.
     if req.width is not None:
-        return req.width, max(1, round(req.width * img_h / img_w))
+        return req.width, max(1, (2 * req.width * img_h + img_w) // (2 * img_w))
     if req.height is not None:
-        return max(1, round(req.height * img_w / img_h)), req.height
+        return max(1, (2 * req.height * img_w + img_h) // (2 * img_h)), req.height
     scale = min(1.0, MAX_SIDE / max(img_w, img_h))
     if min(img_w, img_h) * scale < MIN_SIDE:
         scale = MIN_SIDE / min(img_w, img_h)

@@ -165,9 +165,9 @@ def _describe(error: Mapping[str, Any]) -> str:
         return str(error["msg"]).removeprefix("Value error, ")
     field = str(error["loc"][0])
     if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(field, RULES, n=1)
+        close = difflib.get_close_matches(field[:100], RULES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"unknown field '{field}': {hint}allowed fields are {', '.join(RULES)}"
+        return f"unknown field {_shown(field, 40)}: {hint}allowed fields are {', '.join(RULES)}"
     if error["type"] == "missing":
         return f"{field} is required: {RULES.get(field, 'a value')}"
     reason = str(error["msg"]).removeprefix("Value error, ")
@@ -175,12 +175,32 @@ def _describe(error: Mapping[str, Any]) -> str:
            f"{RULES.get(field, 'see the API table')}"
 
 
+MAX_NAMED_UNKNOWN = 5  # a job of a million junk keys must still get a short error
+
+
+def _unknown_fields(names: list[str]) -> str:
+    if len(names) == 1:
+        return _describe({"loc": (names[0],), "type": "extra_forbidden"})
+    shown = ", ".join(_shown(name, 40) for name in names[:MAX_NAMED_UNKNOWN])
+    more = f" and {len(names) - MAX_NAMED_UNKNOWN} more" if len(names) > MAX_NAMED_UNKNOWN else ""
+    return f"unknown fields {shown}{more}: allowed fields are {', '.join(RULES)}"
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """One line naming every bad field, its value and what is allowed."""
-    seen: dict[str, None] = {}  # one message per field, in order (a union reports each branch)
+    messages: dict[str, None] = {}  # one message per field, in order (unions report branches)
+    fields: set[str] = set()
+    unknown: list[str] = []
     for error in exc.errors(include_url=False):
-        seen.setdefault(_describe(error), None)
-    return "invalid input: " + "; ".join(seen)
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if error["type"] == "extra_forbidden":
+            unknown.append(field)
+        elif not field or field not in fields:
+            fields.add(field)
+            messages.setdefault(_describe(error), None)
+    if unknown:
+        messages[_unknown_fields(unknown)] = None
+    return "invalid input: " + "; ".join(messages)
 
 
 def parse_request(raw: Any) -> GenerateRequest:

@@ -92,7 +92,11 @@ def _bucket(origin: str, url: str, key_id: str, secret: str, name: str | None) -
     (``https://my-bucket.s3.us-east-1.amazonaws.com``), as RunPod's docs write it; an explicit
     ``name`` wins over the URL's. ``origin`` names the setting in errors: the URL is not echoed.
     """
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - parsing the port is what raises for 99999 or "x"
+    except ValueError as exc:
+        raise ValueError(f"{origin} is not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{origin} must be an http(s) URL, e.g. "
                          f"https://my-bucket.s3.us-east-1.amazonaws.com or http://host:9000/bucket")
