@@ -53,15 +53,11 @@ CHUNK = 16 << 20
 LOAD_CHILD = textwrap.dedent("""
     import json, sys, threading, time
     t0 = time.perf_counter()
-    def prefetch(paths):  # the suggested start-up fix: read the weights while importing
-        buf = bytearray(16 << 20)
-        for path in paths:
-            with open(path, "rb", buffering=0) as f:
-                while f.readinto(buf):
-                    pass
-    if {prefetch!r}:
-        threading.Thread(target=prefetch, args=({files!r},), daemon=True).start()
     sys.path.insert(0, {root!r})
+    if {prefetch!r}:  # the worker's own start-up prefetch (handler.py imports it first)
+        import prefetch
+        from pathlib import Path as _P
+        prefetch.start([_P(f) for f in {files!r}])
     import torch, startup, pipeline
     from pathlib import Path
     t1 = time.perf_counter()
@@ -200,7 +196,8 @@ def print_table(results: dict[str, list[dict]], total_bytes: int, args: argparse
         ratio = statistics.median(r["ready_s"] - r["import_s"] - r["warmup_s"]
                                   for r in results[cell]) / read
         warmup = f"{med(cell, 'warmup_s'):.2f}" if args.warmup else "off"
-        print(f"| {cache} | {'worker as is' if kind == 'load' else 'with prefetch thread'} | "
+        label = "load, no prefetch" if kind == "load" else "load + prefetch.py (worker)"
+        print(f"| {cache} | {label} | "
               f"{med(cell, 'import_s'):.2f} | {med(cell, 'load_s'):.2f} | "
               f"{med(cell, 'touch_s'):.2f} | {warmup} | {med(cell, 'ready_s'):.2f} | {read:.2f} | "
               f"{med(f'{cache}/cat', 'cat_s'):.2f} | {total_bytes / read / 1e9:.2f} | "
