@@ -52,7 +52,6 @@ log = logging.getLogger("worker")
 ENCODE_THREADS = 4
 
 
-
 def progress_reporter(job: dict[str, Any]) -> StepCallback | None:
     """Per-step progress through RunPod (shown by /status while the job runs).
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from loopback import serving
 
 import model_files
 from builder import download_weights, make_tiny_model
@@ -110,17 +111,8 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 def _serve(files: dict[str, bytes]) -> Iterator[FakeHub]:
     hub = FakeHub(files=dict(files))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(hub))
-    server.daemon_threads = True
-    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(_handler_for(hub)) as hub.url:
         yield hub
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 
 import pytest
 import requests
+from loopback import serving
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,17 +111,8 @@ def fake_api() -> Iterator[FakeApi]:
         def do_POST(self) -> None:
             self._reply("POST")
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    api.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(Handler) as api.url:
         yield api
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 # ---- the worker's own local API server ------------------------------------------------------
