@@ -7,10 +7,12 @@ before any test module (and so ``handler``) is imported. Nothing here reads the 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,42 @@ def scratch_dir() -> Path:
     path = _TMP / "scratch"
     path.mkdir(exist_ok=True)
     return path
+
+
+# Logs must never carry prompts, image data or credentials (issue: reliability and security).
+# Every record at the worker's default level (INFO and up) during the whole session is kept and
+# scanned at the end; a hit fails the run. Prompts: the ones these tests send; image data: the
+# base64 openings of PNG, JPEG and WebP files; credentials: the literal secrets tests use.
+LEAK_MARKERS = ("a red fox", "a lighthouse on a cliff", "a cat sitting", "the sea",
+                "iVBORw0KGgo", "data:image/", "/9j/4", "UklGR",
+                "wrong-secret-value", "accessSecret\": \"")
+_RECORDS: list[str] = []
+
+
+class _Keep(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _RECORDS.append(self.format(record))
+        except Exception:  # noqa: BLE001 - a record that cannot format cannot leak either
+            pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def keep_logs() -> Iterator[None]:
+    """Installed after collection: handler.py's start-up reconfigures the root logger."""
+    keeper = _Keep(level=logging.INFO)
+    keeper.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(keeper)
+    root.setLevel(min(root.level or logging.WARNING, logging.INFO))  # the worker's level
+    yield
+    root.removeHandler(keeper)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leaks = [line for line in _RECORDS if any(m in line for m in LEAK_MARKERS)]
+    if leaks:
+        print(f"\n{len(leaks)} log record(s) carry a prompt, image data or a secret:")
+        for line in leaks[:10]:
+            print("  ", line[:300])
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
