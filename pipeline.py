@@ -47,6 +47,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -55,6 +56,7 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPTokenizer,
 )
+from transformers.utils import logging as transformers_logging
 
 import decoding
 import model_files
@@ -62,6 +64,10 @@ from resolve import Plan
 from safety import Checker, load_safety_checker
 
 log = logging.getLogger(__name__)
+# The environment variables above act only if this module imports the libraries first; set the
+# same quiet levels explicitly (e.g. diffusers' "modules that should be kept in float32: []").
+diffusers_logging.set_verbosity_error()
+transformers_logging.set_verbosity_error()
 
 # Scheduler choices (schemas.SCHEDULERS), each built from the checkpoint's own scheduler config,
 # so each keeps trailing timesteps and, for the 1-step checkpoint, x0-prediction. UNet
