@@ -39,7 +39,7 @@ class BatchResult:
     batch_jobs: int  # jobs in that batch
 
 
-@dataclass
+@dataclass(eq=False)  # identity: comparing plans would compare their init images' pixels
 class Pending:
     """A submitted job waiting for the GPU."""
 
