@@ -19,6 +19,7 @@ import model_files
 
 VOLUME_ROOT = Path("/runpod-volume")
 BAKED_DIR = Path(__file__).resolve().parent / "models" / "sdxl-lightning"
+LINKED_DIR = "sdxl-lightning-from-cache"
 
 
 def hf_cache_path(cache: Path, f: model_files.RemoteFile) -> Path:
@@ -53,7 +54,9 @@ def locate(model_dir: Path | None, steps: tuple[int, ...], volume_root: Path = V
         return volume_dir, "network volume"
     cache = volume_root / "huggingface-cache" / "hub"
     if cache.is_dir():
-        linked = link_from_hf_cache(cache, steps, Path(tempfile.mkdtemp(prefix="sdxl-cache-")),
+        # A fixed folder: locating twice (the start-up prefetch, then the load) links the same
+        # files into the same place instead of leaving a second folder behind.
+        linked = link_from_hf_cache(cache, steps, Path(tempfile.gettempdir()) / LINKED_DIR,
                                     safety, tiny_decoder)
         if linked is not None:
             return linked, f"RunPod model cache ({cache})"

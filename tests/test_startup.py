@@ -157,3 +157,14 @@ class TestDevice:
             pytest.skip("this machine has a GPU")
         assert choose_device("auto") == (torch.device("cpu"), torch.float32)
         assert choose_device("cpu") == (torch.device("cpu"), torch.float32)
+
+
+def test_locating_twice_reuses_one_linked_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cache = tmp_path / "huggingface-cache" / "hub"
+    for f in model_files.required_files((4,)):
+        target = model_location.hf_cache_path(cache, f)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((tiny_model_dir / f.path).read_bytes())
+    first = model_location.locate(None, (4,), volume_root=tmp_path, baked_dir=tmp_path / "b")
+    second = model_location.locate(None, (4,), volume_root=tmp_path, baked_dir=tmp_path / "b")
+    assert first == second and model_files.missing_files(first[0], (4,)) == []
