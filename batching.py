@@ -25,7 +25,7 @@ from resolve import Plan
 
 log = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, int], None]
+StepCallback = Callable[[int, int], None]  # (steps done, steps in this run)
 BatchFn = Callable[[Sequence[Plan], StepCallback | None], list[list[Any]]]
 
 

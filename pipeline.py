@@ -19,7 +19,7 @@ import copy
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,7 @@ from transformers.utils import logging as transformers_logging
 
 import decoding
 import model_files
+from batching import StepCallback
 from resolve import Plan
 from safety import Checker, load_safety_checker
 
@@ -123,11 +124,18 @@ class Model:
         return next(iter(self.pipes.values())).tokenizer
 
 
+# fp16 on the GPU (the checkpoints' own precision); fp32 on a CPU, where fp16 is slow and lossy.
+DTYPES = {"cuda": torch.float16, "cpu": torch.float32}
+
+
+def placement(kind: str) -> tuple[torch.device, torch.dtype]:
+    """The device of ``kind`` ("cuda" or "cpu") and the dtype the worker runs it in."""
+    return torch.device(kind), DTYPES[kind]
+
+
 def default_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA in fp16 when a GPU is present; otherwise CPU in fp32 (CPU fp16 is slow and lossy)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.float16
-    return torch.device("cpu"), torch.float32
+    """CUDA when a GPU is present, otherwise the CPU."""
+    return placement("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_unet(model_dir: Path, steps: int, device: torch.device,
@@ -238,7 +246,6 @@ def view(model: Model, steps: int, mode: str, scheduler: str) -> DiffusionPipeli
     return model.views[key]
 
 
-StepCallback = Callable[[int, int], None]  # (steps done, steps in this run)
 
 
 def generate_batch(model: Model, plans: Sequence[Plan],

@@ -3,18 +3,15 @@
 A cold worker spends 4-7 s importing torch, diffusers and transformers before it reads a byte of
 the ~7 GB of weights; reading them meanwhile, in a daemon thread, overlaps the two. Measured on
 the full-size folder from a cold page cache (bench/RESULTS.md, 2-core CPU): start-to-ready
-11.6-14.3 s without, 8.1-8.8 s with. Stdlib only, so it starts before the heavy imports; best
+11.7 s without, 7.7 s with (medians). Stdlib only, so it starts before the heavy imports; best
 effort: any problem here is left for the real start-up to report.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from pathlib import Path
-
-log = logging.getLogger("worker")
 
 CHUNK = 16 << 20  # large sequential reads; the data itself is dropped
 

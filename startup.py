@@ -68,7 +68,7 @@ def choose_device(wanted: str) -> tuple[torch.device, torch.dtype]:
     """The device to load onto: ``auto`` takes CUDA if present; ``cuda`` insists on a GPU
     that really works (a worker on a broken or missing GPU must not take jobs)."""
     if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu"), torch.float32
+        return pipeline.placement("cpu")
     if not torch.cuda.is_available():
         raise StartupError("DEVICE=cuda but no usable CUDA device is visible "
                            "(torch.cuda.is_available() is False): check the GPU and driver")
@@ -76,7 +76,7 @@ def choose_device(wanted: str) -> tuple[torch.device, torch.dtype]:
         torch.ones(1, device="cuda").add_(1).item()  # initialises the context, fails if broken
     except RuntimeError as exc:
         raise StartupError(f"the CUDA device does not work: {exc}") from None
-    return torch.device("cuda"), torch.float16
+    return pipeline.placement("cuda")
 
 
 def start(settings: Settings) -> pipeline.Model:
