@@ -18,7 +18,7 @@
 # container setup. Assumed, not verifiable offline: that this tag exists on Docker Hub (it is in
 # public Dockerfiles), and the sizes below.
 #
-# Weights, where the worker finds them at run time (model_location.py; the first complete wins):
+# Weights, where the worker finds them at run time (worker/location.py; the first complete wins):
 #   1. MODEL_DIR, if set (so MODEL_DIR is deliberately NOT set here: it would hide 2 and 3);
 #   2. /runpod-volume/sdxl-lightning (a network volume);
 #   3. RunPod's cached models, /runpod-volume/huggingface-cache/hub, at the pinned revisions;
@@ -86,22 +86,23 @@ RUN uv venv --python "${PYTHON_VERSION}" /opt/venv \
     && uv pip install --python /opt/venv/bin/python --compile-bytecode --strict \
        ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} -r /tmp/requirements.txt
 
-# ---- weights: only the downloader and the layout it reads, so editing the worker's code or
-# its requirements never invalidates this multi-GB layer.
+# ---- weights: only the downloader and the model spec it reads (stdlib-only, so the bare
+# interpreter runs them), so editing the rest of the worker or its requirements never
+# invalidates this multi-GB layer.
 FROM python AS weights
 ARG LIGHTNING_STEPS
 ARG BAKE_SAFETY_CHECKER
 ARG HF_ENDPOINT=https://huggingface.co
 WORKDIR /app
-COPY model_files.py ./
+COPY worker/__init__.py worker/spec.py worker/
 COPY builder/__init__.py builder/download_weights.py builder/
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The worker reads LIGHTNING_STEPS as "2,4"; the builder takes "--steps 2 4".
-# (A build ARG is an environment variable of RUN: download_weights.py reads HF_ENDPOINT.)
+# (A build ARG is an environment variable of RUN: download_weights reads HF_ENDPOINT.)
 RUN IFS=, read -r -a steps <<< "${LIGHTNING_STEPS}" \
     && extra=(--tiny-decoder) \
     && if [ "${BAKE_SAFETY_CHECKER}" = "true" ]; then extra+=(--safety-checker); fi \
-    && python builder/download_weights.py /app/models/sdxl-lightning --steps "${steps[@]}" \
+    && python -m builder.download_weights /app/models/sdxl-lightning --steps "${steps[@]}" \
        "${extra[@]}"
 
 # ---- the worker image.
@@ -136,10 +137,9 @@ base = os.environ.get('CUDA_VERSION', torch.version.cuda); \
 assert torch.version.cuda.split('.')[:2] == base.split('.')[:2], (torch.version.cuda, base); \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 WORKDIR /app
-# The modules handler.py imports (tests/test_deploy_files.py checks this list against the
-# imports), and test_input.json for the self-test that `docker run` without RunPod runs.
-COPY handler.py startup.py schemas.py resolve.py batching.py pipeline.py compilation.py \
-     decoding.py safety.py image_inputs.py url_fetch.py delivery.py encoding.py upload.py \
-     prefetch.py model_files.py model_location.py test_input.json ./
+# The design card's top-level modules, the worker package and the builders as folders, and
+# test_input.json for the self-test that `docker run` without RunPod runs.
+COPY handler.py schemas.py pipeline.py test_input.json ./
+COPY worker/ worker/
 COPY builder/ builder/
 CMD ["python", "-u", "handler.py"]

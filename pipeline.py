@@ -1,39 +1,38 @@
-"""Owns diffusers: loads the model folder with the SDXL-Lightning recipe and generates images.
+"""The engine: the only owner of torch and diffusers objects, from model folder to checked images.
 
-The recipe (ByteDance's model card, made cold-start friendly):
-- SDXL base's text encoders and tokenizers, and the fp16-fix VAE, whose ``force_upcast: false``
-  spares the fp32 re-cast of the VAE that the stock VAE needs on every fp16 call;
-- the Lightning UNet built on the meta device (no random initialisation of 2.6 B parameters on the
-  CPU) and filled from its ``.safetensors`` file straight onto the target device;
-- ``EulerDiscreteScheduler`` with ``timestep_spacing="trailing"`` (SDXL ships "leading", which
-  starts Lightning from a noise level it never saw); x0-prediction for the 1-step checkpoint;
-- CUDA + fp16 when available, else CPU + fp32; one ``torch.Generator`` per image.
+``Engine.load(spec, folder, device)`` loads what a ``ModelSpec`` names with the Lightning recipe
+(``worker/engine/loading.py``): one pipeline per checkpoint, all sharing the text encoders and
+the VAE, so a second checkpoint costs only its UNet. ``engine.generate(plans, on_step)`` runs
+plans of one shape as one batch and owns the generation policy:
 
-Every loaded checkpoint gets its own pipeline object; all of them share the same text encoders
-and VAE modules, so a second checkpoint costs only its UNet.
+- one prompt row and one ``torch.Generator`` per image, so an image is the same (within fp
+  rounding) alone or batched, and never depends on the global RNG;
+- each job's scheduler in its own pipeline view, so no job changes the shared pipelines;
+- out of GPU memory with several images: free the cache and run them one at a time, once, then
+  fail the job with ``GpuMemoryError``;
+- a checked decode (``worker/engine/decode.py``): no NaN or black image reaches a caller;
+- images the safety checker flags are withheld (``None``), never blacked out.
+
+Also ``engine.count_tokens`` (thread-safe, for the truncation warning), ``engine.warm_up`` and
+``engine.compile`` (``worker/engine/compiler.py``).
 """
 
 from __future__ import annotations
 
+from worker import runtime
+
+runtime.configure_libraries()  # before diffusers and transformers read their environment
+
 import copy
 import logging
-import os
 import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
-# Everything is read from local files; silence the libraries' progress bars and advice
-# (torchvision fallbacks, 77-token notices: the worker reports truncation itself).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-
 import torch
-from accelerate import init_empty_weights
 from diffusers import (
-    AutoencoderKL,
     AutoencoderTiny,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -44,36 +43,24 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file
-from transformers import (
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-)
-from transformers.utils import logging as transformers_logging
 
-import decoding
-import model_files
-from batching import StepCallback
-from resolve import Plan
-from safety import Checker, load_safety_checker
+from schemas import MIN_SIDE
+from worker.engine import compiler, loading, safety
+from worker.engine.decode import decode_latents
+from worker.errors import JobError, ModelFolderError
+from worker.plan import Plan, StepCallback, warmup_plan
+from worker.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-# The environment variables above act only if this module imports the libraries first; set the
-# same quiet levels explicitly (e.g. diffusers' "modules that should be kept in float32: []").
-diffusers_logging.set_verbosity_error()
-transformers_logging.set_verbosity_error()
 
 # Scheduler choices (schemas.SCHEDULERS), each built from the checkpoint's own scheduler config,
 # so each keeps trailing timesteps and, for the 1-step checkpoint, x0-prediction. UNet
-# evaluations at 4 steps (counted by tests/test_modes.py): Heun 7, PNDM 5, the rest 4. KarrasDPM
-# moves the timesteps off the distilled trajectory (999, 687, 146, 0); ancestral/SDE add noise.
+# evaluations at 4 steps (counted by the tests): Heun 7, PNDM 5, the rest 4. KarrasDPM moves the
+# timesteps off the distilled trajectory (999, 687, 146, 0); ancestral/SDE add noise.
 SCHEDULERS: dict[str, tuple[type, dict[str, object]]] = {
     "K_EULER": (EulerDiscreteScheduler, {}),
     "K_EULER_ANCESTRAL": (EulerAncestralDiscreteScheduler, {}),
@@ -91,202 +78,176 @@ PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "img2img": StableDiffusionXLImg2ImgPipeline,
     "inpaint": StableDiffusionXLInpaintPipeline,
 }
+# Warm-up at the smallest allowed size: it initialises CUDA, cuBLAS and every checkpoint's
+# kernels for a fraction of a real image's cost.
+WARMUP_SIZES = ((MIN_SIDE, MIN_SIDE),)
 
 
-class ModelFolderError(RuntimeError):
-    """The model folder is missing files or holds files that do not load."""
+class GpuMemoryError(JobError):
+    """The GPU ran out of memory for a job, even one image at a time."""
 
 
-@dataclass
-class Model:
-    """The loaded worker model: one pipeline per Lightning step count, sharing modules."""
+class Engine:
+    """The loaded model and every torch object of the worker; generation runs on one thread."""
 
-    pipes: dict[int, StableDiffusionXLPipeline]
-    device: torch.device
-    dtype: torch.dtype
-    # (steps, mode, scheduler) -> a pipeline sharing every module of pipes[steps] but holding
-    # its own scheduler, so no job changes the shared pipeline's state. Built on first use
-    # (~16 ms each) and reused: generation runs on one thread at a time.
-    views: dict[tuple[int, str, str], DiffusionPipeline] = field(default_factory=dict)
-    safety: Checker | None = None
-    # TAESDXL, when VAE_DECODER=tiny: ~18x fewer decode FLOPs than the full VAE, softer details.
-    tiny_decoder: AutoencoderTiny | None = None
-    # Token counting runs in request threads while the GPU thread encodes prompts; the Rust
-    # tokenizer's padding/truncation state is per object, so counting uses its own copy.
-    token_counter: tuple[CLIPTokenizer, threading.Lock] | None = None
+    def __init__(self, spec: ModelSpec, pipes: dict[int, StableDiffusionXLPipeline],
+                 device: torch.device, dtype: torch.dtype, *, taesd: AutoencoderTiny | None = None,
+                 checker: safety.Checker | None = None) -> None:
+        self.spec, self.pipes, self.device, self.dtype = spec, pipes, device, dtype
+        self.vae = next(iter(pipes.values())).vae  # shared by every checkpoint
+        self.taesd = taesd  # TAESDXL, when the spec asks for the tiny decoder
+        self.checker = checker  # the safety checker, when the spec asks for it
+        # (steps, mode, scheduler) -> a pipeline sharing every module of pipes[steps] but
+        # holding its own scheduler, so no job changes the shared pipeline's state. Built on
+        # first use (~16 ms each) and reused: generation runs on one thread at a time.
+        self._views: dict[tuple[int, str, str], DiffusionPipeline] = {}
+        # Token counting runs in request threads while the GPU thread encodes prompts; the Rust
+        # tokenizer's padding/truncation state is per object, so counting uses its own copy.
+        self._counter = copy.deepcopy(next(iter(pipes.values())).tokenizer)
+        self._counter_lock = threading.Lock()
 
     @property
     def steps(self) -> tuple[int, ...]:
         return tuple(sorted(self.pipes))
 
-    @property
-    def tokenizer(self) -> CLIPTokenizer:
-        return next(iter(self.pipes.values())).tokenizer
+    @classmethod
+    def load(cls, spec: ModelSpec, folder: Path, device: torch.device | None = None,
+             dtype: torch.dtype | None = None) -> Engine:
+        """Load ``spec`` from ``folder`` onto ``device`` (default: CUDA if present, else the
+        CPU) in ``dtype`` (default: the device's); ``ModelFolderError`` if it cannot."""
+        if device is None:
+            device, _ = loading.choose_device("auto")
+        dtype = dtype or loading.DTYPES[device.type]
+        if missing := spec.missing(folder):
+            raise ModelFolderError(f"model folder {folder} is missing {', '.join(missing)}")
+        try:
+            shared = loading.shared_components(folder, device, dtype)
+            pipes = {}
+            for steps in spec.steps:
+                pipe = StableDiffusionXLPipeline(
+                    **shared, unet=loading.load_unet(folder, steps, device, dtype),
+                    scheduler=loading.scheduler_for(folder, steps),
+                    add_watermarker=False)  # watermarking is a CPU round trip
+                pipe.set_progress_bar_config(disable=True)
+                pipes[steps] = pipe
+            engine = cls(spec, pipes, device, dtype,
+                         taesd=loading.load_tiny_decoder(folder, device, dtype)
+                         if spec.tiny_decoder else None,
+                         checker=safety.load_checker(folder, device, dtype)
+                         if spec.safety_checker else None)
+            if device.type == "cuda":
+                engine.optimize()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # corrupt files
+            raise ModelFolderError(f"{type(exc).__name__}: {exc}") from None
+        return engine
 
+    def optimize(self) -> None:
+        """channels_last and fused QKV (applied on CUDA; tests force it on the CPU)."""
+        loading.optimize_for_cuda([pipe.unet for pipe in self.pipes.values()] + [self.vae] + (
+            [self.taesd] if self.taesd is not None else []))
 
-# fp16 on the GPU (the checkpoints' own precision); fp32 on a CPU, where fp16 is slow and lossy.
-DTYPES = {"cuda": torch.float16, "cpu": torch.float32}
+    def count_tokens(self, text: str) -> int:
+        """How many CLIP tokens ``text`` takes, start and end tokens included (thread-safe)."""
+        with self._counter_lock:
+            return len(self._counter(text, truncation=False).input_ids)
 
+    def view(self, steps: int, mode: str, scheduler: str) -> DiffusionPipeline:
+        """The pipeline for one (checkpoint, mode, scheduler): shared modules, its own scheduler."""
+        key = (steps, mode, scheduler)
+        if key not in self._views:
+            base = self.pipes[steps]
+            cls, kwargs = SCHEDULERS[scheduler]
+            # dtype: from_pipe casts every (shared!) module to float32 unless told otherwise.
+            pipe = PIPELINE_CLASSES[mode].from_pipe(
+                base, scheduler=cls.from_config(base.scheduler.config, **kwargs),
+                dtype=self.dtype)
+            pipe.set_progress_bar_config(disable=True)
+            self._views[key] = pipe
+        return self._views[key]
 
-def placement(kind: str) -> tuple[torch.device, torch.dtype]:
-    """The device of ``kind`` ("cuda" or "cpu") and the dtype the worker runs it in."""
-    return torch.device(kind), DTYPES[kind]
+    def generate(self, plans: Sequence[Plan],
+                 on_step: StepCallback | None = None) -> list[list[Image.Image | None]]:
+        """Plans of one ``shape_key`` as one batch, with the policy of the module docstring:
+        image j of plan i at ``[i][j]``, ``None`` where the safety checker withheld it."""
+        try:
+            try:
+                results = self.run_batch(plans, on_step)
+            except torch.cuda.OutOfMemoryError:
+                images = sum(len(plan.seeds) for plan in plans)
+                if images == 1:
+                    raise
+                log.warning("out of GPU memory for %d image(s): retrying one image at a time",
+                            images)
+                torch.cuda.empty_cache()
+                # Each image has its own generator: one at a time gives the same images.
+                results = [[self.run_batch([replace(plan, seeds=(seed,))])[0][0]
+                            for seed in plan.seeds] for plan in plans]
+            for plan, images in zip(plans, results, strict=True):
+                if plan.safety_check:
+                    images[:] = self._withhold_flagged(images)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            first = plans[0]
+            raise GpuMemoryError(
+                f"out of GPU memory generating {sum(len(p.seeds) for p in plans)} image(s) at "
+                f"{first.width}x{first.height}: try fewer images or a smaller size") from None
+        return results
 
+    def _withhold_flagged(self, images: list[Image.Image]) -> list[Image.Image | None]:
+        if self.checker is None:
+            raise RuntimeError("the safety checker is not loaded (SAFETY_CHECKER=false)")
+        flags = safety.nsfw_flags(self.checker, images, self.device, self.dtype)
+        return [None if flagged else image for image, flagged in zip(images, flags, strict=True)]
 
-def default_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA when a GPU is present, otherwise the CPU."""
-    return placement("cuda" if torch.cuda.is_available() else "cpu")
+    def run_batch(self, plans: Sequence[Plan],
+                  on_step: StepCallback | None = None) -> list[list[Image.Image]]:
+        """One pass through the pipeline for plans of one ``shape_key``, no fallback: image j
+        of plan i comes from its own prompt row and generator seeded ``plans[i].seeds[j]``."""
+        first = plans[0]
+        if any(p.shape_key != first.shape_key for p in plans):
+            raise ValueError("plans of different shapes cannot share a batch")
+        rows = [(p, seed) for p in plans for seed in p.seeds]
+        kwargs: dict[str, object] = dict(
+            prompt=[p.prompt for p, _ in rows], num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale, num_images_per_prompt=1, output_type="latent",
+            generator=[torch.Generator(self.device).manual_seed(seed) for _, seed in rows])
+        if first.negative_prompt is not None:  # else diffusers uses zero embeddings (SDXL's rule)
+            kwargs["negative_prompt"] = [p.negative_prompt for p, _ in rows]
+        if first.mode != "img2img":  # img2img takes its size from the init image
+            kwargs.update(width=first.width, height=first.height)
+        if first.mode != "txt2img":
+            kwargs.update(image=[p.init_image for p, _ in rows], strength=first.strength)
+        if first.mode == "inpaint":
+            kwargs["mask_image"] = [p.mask_image for p, _ in rows]
+        pipe = self.view(first.steps, first.mode, first.scheduler)
+        if on_step is not None:
+            def callback(pipe_: DiffusionPipeline, i: int, t: object, tensors: dict) -> dict:
+                on_step(i + 1, pipe_.num_timesteps)
+                return tensors
 
+            kwargs["callback_on_step_end"] = callback
+        with torch.inference_mode():
+            images = decode_latents(self.taesd or pipe.vae, pipe(**kwargs).images)
+        out, start = [], 0
+        for p in plans:
+            out.append(images[start:start + len(p.seeds)])
+            start += len(p.seeds)
+        return out
 
-def load_unet(model_dir: Path, steps: int, device: torch.device,
-              dtype: torch.dtype) -> UNet2DConditionModel:
-    """Build the UNet on the meta device and assign the checkpoint's tensors, read on ``device``."""
-    config = UNet2DConditionModel.load_config(model_dir / "unet")
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config)
-    path = model_dir / model_files.CHECKPOINTS[steps]
-    # safetensors reads straight into device memory; only the dtype cast may copy.
-    state = {k: v.to(dtype) for k, v in load_file(path, device=str(device)).items()}
-    try:
-        unet.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:  # missing/unexpected keys or wrong shapes: wrong file
-        raise ModelFolderError(f"{path.name} does not fit unet/config.json: {exc}") from None
-    return unet.eval().requires_grad_(False)
+    def warm_up(self, sizes: Sequence[tuple[int, int]] = WARMUP_SIZES) -> None:
+        """One image of each size with each checkpoint, before any job arrives."""
+        for steps in self.steps:
+            for width, height in sizes:
+                self.run_batch([warmup_plan(steps, width, height)])
 
-
-def scheduler_for(model_dir: Path, steps: int) -> EulerDiscreteScheduler:
-    """Euler with trailing timesteps: 4 steps -> [999, 749, 499, 249], as Lightning was trained."""
-    config = EulerDiscreteScheduler.load_config(model_dir / "scheduler")
-    extra = {"prediction_type": "sample"} if steps in model_files.X0_PREDICTION_STEPS else {}
-    return EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing", **extra)
-
-
-def load(model_dir: Path, steps: tuple[int, ...], device: torch.device | None = None,
-         dtype: torch.dtype | None = None, safety: bool = False,
-         tiny_decoder: bool = False) -> Model:
-    """Load the model folder for the given step checkpoints; ``ModelFolderError`` if it can't."""
-    if device is None or dtype is None:
-        device, dtype = default_device()
-    missing = model_files.missing_files(model_dir, steps, safety, tiny_decoder)
-    if missing:
-        raise ModelFolderError(f"model folder {model_dir} is missing {', '.join(missing)}")
-    try:
-        model = _load(model_dir, steps, device, dtype)
-        if safety:
-            model.safety = load_safety_checker(model_dir, device, dtype)
-        if tiny_decoder:
-            model.tiny_decoder = AutoencoderTiny.from_pretrained(
-                model_dir / model_files.TAESD_DIR, dtype=dtype).to(device).eval()
-        if device.type == "cuda":
-            optimize(model)
-        return model
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # corrupt or mismatched
-        raise ModelFolderError(f"{type(exc).__name__}: {exc}") from None
-
-
-def _load(model_dir: Path, steps: tuple[int, ...], device: torch.device,
-          dtype: torch.dtype) -> Model:
-    shared = dict(
-        tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(model_dir / "tokenizer_2"),
-        text_encoder=CLIPTextModel.from_pretrained(model_dir / "text_encoder", variant="fp16",
-                                                   dtype=dtype, device_map=str(device)),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-            model_dir / "text_encoder_2", variant="fp16", dtype=dtype, device_map=str(device)),
-        vae=AutoencoderKL.from_pretrained(model_dir / "vae", dtype=dtype).to(device),
-    )
-    pipes = {}
-    for s in steps:
-        pipe = StableDiffusionXLPipeline(**shared, unet=load_unet(model_dir, s, device, dtype),
-                                         scheduler=scheduler_for(model_dir, s),
-                                         add_watermarker=False)  # watermarking is a CPU round trip
-        pipe.set_progress_bar_config(disable=True)
-        pipes[s] = pipe
-    return Model(pipes=pipes, device=device, dtype=dtype,
-                 token_counter=(copy.deepcopy(shared["tokenizer"]), threading.Lock()))
-
-
-def optimize(model: Model) -> None:
-    """GPU layout and kernels that leave the results unchanged (within fp rounding).
-
-    channels_last suits cuDNN's convolutions (the VAE decoder is ~94 % convolution); fused QKV
-    turns three attention projections into one larger matmul. SDPA attention is diffusers'
-    default already.
-    """
-    for module in modules_to_optimize(model):
-        module.to(memory_format=torch.channels_last)
-        if hasattr(module, "fuse_qkv_projections"):
-            module.fuse_qkv_projections()
-
-
-def modules_to_optimize(model: Model) -> list[torch.nn.Module]:
-    shared_vae = next(iter(model.pipes.values())).vae
-    return [pipe.unet for pipe in model.pipes.values()] + [shared_vae] + (
-        [model.tiny_decoder] if model.tiny_decoder is not None else [])
-
-
-def prompt_tokens(model: Model, text: str) -> int:
-    """How many CLIP tokens ``text`` takes, start and end tokens included (thread-safe)."""
-    tokenizer, lock = model.token_counter
-    with lock:
-        return len(tokenizer(text, truncation=False).input_ids)
-
-
-def view(model: Model, steps: int, mode: str, scheduler: str) -> DiffusionPipeline:
-    """The pipeline for one (checkpoint, mode, scheduler): shared modules, its own scheduler."""
-    key = (steps, mode, scheduler)
-    if key not in model.views:
-        base = model.pipes[steps]
-        cls, kwargs = SCHEDULERS[scheduler]
-        # dtype: from_pipe casts every (shared!) module to float32 unless told otherwise.
-        pipe = PIPELINE_CLASSES[mode].from_pipe(
-            base, scheduler=cls.from_config(base.scheduler.config, **kwargs), dtype=model.dtype)
-        pipe.set_progress_bar_config(disable=True)
-        model.views[key] = pipe
-    return model.views[key]
-
-
-
-
-def generate_batch(model: Model, plans: Sequence[Plan],
-                   on_step: StepCallback | None = None) -> list[list[Image.Image]]:
-    """Run plans of one ``shape_key`` as one batch; image j of plan i from its own generator.
-
-    Each image gets its own prompt row and ``torch.Generator``, so a plan's images are the same
-    (within fp rounding) whether it runs alone or beside other plans.
-    """
-    first = plans[0]
-    if any(p.shape_key != first.shape_key for p in plans):
-        raise ValueError("plans of different shapes cannot share a batch")
-    rows = [(p, seed) for p in plans for seed in p.seeds]
-    kwargs: dict[str, object] = dict(
-        prompt=[p.prompt for p, _ in rows], num_inference_steps=first.steps,
-        guidance_scale=first.guidance_scale, num_images_per_prompt=1, output_type="latent",
-        generator=[torch.Generator(model.device).manual_seed(seed) for _, seed in rows])
-    if first.negative_prompt is not None:  # else diffusers uses zero embeddings (SDXL's rule)
-        kwargs["negative_prompt"] = [p.negative_prompt for p, _ in rows]
-    if first.mode != "img2img":  # img2img takes its size from the init image
-        kwargs.update(width=first.width, height=first.height)
-    if first.mode != "txt2img":
-        kwargs.update(image=[p.init_image for p, _ in rows], strength=first.strength)
-    if first.mode == "inpaint":
-        kwargs["mask_image"] = [p.mask_image for p, _ in rows]
-    pipe = view(model, first.steps, first.mode, first.scheduler)
-    if on_step is not None:
-        def callback(pipe_: DiffusionPipeline, i: int, t: object, tensors: dict) -> dict:
-            on_step(i + 1, pipe_.num_timesteps)
-            return tensors
-
-        kwargs["callback_on_step_end"] = callback
-    with torch.inference_mode():
-        images = decoding.decode_latents(model.tiny_decoder or pipe.vae, pipe(**kwargs).images)
-    out, start = [], 0
-    for p in plans:
-        out.append(images[start:start + len(p.seeds)])
-        start += len(p.seeds)
-    return out
-
-
-def generate(model: Model, plan: Plan, on_step: StepCallback | None = None) -> list[Image.Image]:
-    """Run one plan: ``len(plan.seeds)`` images, image i from its own generator seeded seeds[i]."""
-    return generate_batch(model, [plan], on_step)[0]
+    def compile(self, sizes: Sequence[tuple[int, int]], cache_dir: Path | None,
+                backend: str = "inductor") -> float:
+        """``torch.compile`` every UNet in place and warm each size; returns seconds."""
+        started = time.perf_counter()
+        compiler.compile_in_place([pipe.unet for pipe in self.pipes.values()], cache_dir, backend)
+        self.warm_up(sizes)
+        compiler.save_cache(cache_dir)
+        seconds = time.perf_counter() - started
+        log.info("compiled %d UNet(s) for %d size(s) in %.1f s", len(self.pipes), len(sizes),
+                 seconds)
+        return seconds

@@ -1,17 +1,18 @@
-"""The worker's contract: the job input, its bounds and error messages, and the settings.
+"""The job contract: the request model, its bounds, aliases, rules and error text.
 
-Pydantic v2 models only; no torch import, so this module loads in milliseconds and is tested alone.
-Every default and bound of the API lives here. Snapping and clamping (which change a value and
-say so in ``warnings``) live in ``resolve.py``; what is rejected outright is decided here.
+Pydantic v2 only; no torch import, so this module loads in milliseconds and is tested alone.
+Every default and bound of the API lives here, and ``parse_request`` turns whatever a caller
+sent into a ``GenerateRequest`` or an ``InputError`` naming every bad field, its value and what
+is allowed. Snapping and clamping (which change a value and say so in ``warnings``) live in
+``worker/plan.py``; what is rejected outright is decided here. The worker's own settings are in
+``worker/settings.py``.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-import model_files
+from worker.errors import InputError, shown
 
 # Lightning was distilled at 1024 px (SDXL's ~1 MP buckets); below 512 SDXL falls apart and above
 # 1536 memory and time grow with no training behind it. diffusers needs multiples of 8 (the VAE).
@@ -33,6 +34,7 @@ MAX_GUIDANCE = 20.0
 SEED_LIMIT = 2**32  # torch accepts 64-bit seeds; 32 bits is what every client can round-trip
 MAX_PROMPT_CHARS = 10_000  # CLIP reads 77 tokens; anything this long is a mistake or an attack
 CLIP_MAX_TOKENS = 77
+SHOWN_CHARS = 60  # how much of a bad value an error quotes (field names: errors.shown's 40)
 
 
 def _not_bool(value: Any) -> Any:
@@ -46,7 +48,7 @@ Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
 Text = Annotated[str, Field(strict=True, max_length=MAX_PROMPT_CHARS)]
 # An encoded image: base64 (raw or data URI), an https URL, or Cloudflare's array of byte values.
-# Only the JSON type is checked here; image_inputs.py decodes it with its size and safety limits.
+# Only the JSON type is checked here; worker/inputs/images.py decodes it within its limits.
 ImageValue = Annotated[str, Field(strict=True)] | Annotated[list[Any], Field(strict=True)]
 
 # Replicate's scheduler names (the API users know). The default is what Lightning was distilled
@@ -147,17 +149,11 @@ def merge_aliases(raw: Mapping[str, Any]) -> dict[str, Any]:
         name = ALIASES.get(key, key)
         if name in merged and merged[name] != value:
             given = [k for k in raw if ALIASES.get(k, k) == name]
-            raise ValueError(f"invalid input: {' and '.join(given)} name the same field "
+            raise InputError(f"invalid input: {' and '.join(given)} name the same field "
                              f"({name}) with different values: "
-                             f"{', '.join(_shown(raw[k]) for k in given)}")
+                             f"{', '.join(shown(raw[k], SHOWN_CHARS) for k in given)}")
         merged[name] = value
     return merged
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    """A short repr of a bad value: enough to recognise it, never a whole prompt or image."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def _describe(error: Mapping[str, Any]) -> str:
@@ -167,11 +163,11 @@ def _describe(error: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field[:100], RULES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"unknown field {_shown(field, 40)}: {hint}allowed fields are {', '.join(RULES)}"
+        return f"unknown field {shown(field)}: {hint}allowed fields are {', '.join(RULES)}"
     if error["type"] == "missing":
         return f"{field} is required: {RULES.get(field, 'a value')}"
     reason = str(error["msg"]).removeprefix("Value error, ")
-    return f"{field}={_shown(error['input'])} is invalid ({reason}); allowed: " \
+    return f"{field}={shown(error['input'], SHOWN_CHARS)} is invalid ({reason}); allowed: " \
            f"{RULES.get(field, 'see the API table')}"
 
 
@@ -181,9 +177,9 @@ MAX_NAMED_UNKNOWN = 5  # a job of a million junk keys must still get a short err
 def _unknown_fields(names: list[str]) -> str:
     if len(names) == 1:
         return _describe({"loc": (names[0],), "type": "extra_forbidden"})
-    shown = ", ".join(_shown(name, 40) for name in names[:MAX_NAMED_UNKNOWN])
+    named = ", ".join(shown(name) for name in names[:MAX_NAMED_UNKNOWN])
     more = f" and {len(names) - MAX_NAMED_UNKNOWN} more" if len(names) > MAX_NAMED_UNKNOWN else ""
-    return f"unknown fields {shown}{more}: allowed fields are {', '.join(RULES)}"
+    return f"unknown fields {named}{more}: allowed fields are {', '.join(RULES)}"
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -204,158 +200,11 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def parse_request(raw: Any) -> GenerateRequest:
-    """Validate ``job["input"]``; raises ``ValueError`` with a caller-facing message."""
+    """Validate ``job["input"]``; raises ``InputError`` with a caller-facing message."""
     if not isinstance(raw, Mapping):
-        raise ValueError(f"invalid input: expected a JSON object, got {type(raw).__name__}")
+        raise InputError(f"invalid input: expected a JSON object, got {type(raw).__name__}")
     merged = merge_aliases(raw)
     try:
         return GenerateRequest.model_validate(merged)
     except ValidationError as exc:
-        raise ValueError(format_validation_error(exc)) from None
-
-
-def _parse_steps(text: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(sorted({int(part) for part in text.replace(" ", "").split(",") if part}))
-    except ValueError:
-        steps = ()
-    if not steps or any(s not in model_files.CHECKPOINTS for s in steps):
-        raise ValueError(f"LIGHTNING_STEPS={text!r} is invalid: a comma-separated subset of "
-                         f"{sorted(model_files.CHECKPOINTS)}")
-    return steps
-
-
-def _parse_bool(name: str, text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"{name}={text!r} is invalid: use true or false")
-
-
-def _parse_safety(text: str) -> str:
-    if text.strip().lower() == "always":
-        return "always"
-    try:
-        return "on" if _parse_bool("SAFETY_CHECKER", text) else "off"
-    except ValueError:
-        raise ValueError(f"SAFETY_CHECKER={text!r} is invalid: use false, true or always") from None
-
-
-def _parse_buckets(name: str, text: str) -> tuple[tuple[int, int], ...]:
-    """``1024x1024,832x1216``: sizes the worker can serve, multiples of 8 within the range."""
-    buckets = []
-    for part in filter(None, text.replace(" ", "").lower().split(",")):
-        try:
-            width, height = (int(side) for side in part.split("x"))
-        except ValueError:
-            width = height = 0
-        if not all(MIN_SIDE <= side <= MAX_SIDE and side % SIDE_MULTIPLE == 0
-                   for side in (width, height)):
-            raise ValueError(f"{name}={text!r} is invalid: WIDTHxHEIGHT pairs, comma-separated, "
-                             f"multiples of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}")
-        buckets.append((width, height))
-    if not buckets:
-        raise ValueError(f"{name}={text!r} is invalid: name at least one WIDTHxHEIGHT")
-    return tuple(dict.fromkeys(buckets))
-
-
-def _parse_choice(name: str, text: str, choices: tuple[str, ...]) -> str:
-    value = text.strip().lower()
-    if value not in choices:
-        raise ValueError(f"{name}={text!r} is invalid: one of {', '.join(choices)}")
-    return value
-
-
-def _parse_int(name: str, text: str, low: int, high: int) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise ValueError(f"{name}={text!r} is invalid: an integer from {low} to {high}")
-    return value
-
-
-# Jobs one worker holds at once. 2 keeps the GPU busy while the previous job is decoded,
-# encoded and sent, at about twice a lone job's latency; on the CPU (bench/RESULTS.md,
-# "Throughput") 4 and 8 only queued longer. Whether larger GPU batches are cheaper per image
-# at 1024² needs `bench/throughput.py --device cuda`: raise it where they are.
-DEFAULT_CONCURRENCY = 2
-BUCKET_ENV = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY",
-              "BUCKET_NAME")
-
-
-class Settings(BaseModel):
-    """Worker settings, read once at start from environment variables."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model_dir: Path | None = None  # None: search the locations in model_location.py
-    lightning_steps: tuple[int, ...] = (4,)
-    warmup: bool = True
-    download_missing: bool = True
-    max_concurrency: int = DEFAULT_CONCURRENCY
-    max_batch_images: int = 8  # images per GPU batch: bounds activation memory on 24 GB cards
-    safety_checker: Literal["off", "on", "always"] = "off"  # on: callers may disable it per job
-    # RunPod drops results over 10 MB on /run (20 MB on /runsync): refuse clearly instead.
-    max_response_mb: float = 10.0
-    vae_decoder: Literal["full", "tiny"] = "full"  # tiny: TAESDXL, for previews and speed
-    device: Literal["auto", "cuda", "cpu"] = "auto"  # the image sets cuda: no GPU, no jobs
-    compile: bool = False  # torch.compile the UNet; see compilation.py for the start-up cost
-    compile_buckets: tuple[tuple[int, int], ...] = ((1024, 1024),)
-    compile_cache_dir: Path | None = None
-    bucket: Mapping[str, str] = {}  # the BUCKET_* variables that are set; upload.py reads them
-
-    # Environment variable -> field. The README and hub.json list exactly these.
-    ENV: ClassVar[Mapping[str, str]] = {
-        "MODEL_DIR": "model_dir", "LIGHTNING_STEPS": "lightning_steps", "WARMUP": "warmup",
-        "DOWNLOAD_MISSING_WEIGHTS": "download_missing", "MAX_CONCURRENCY": "max_concurrency",
-        "MAX_BATCH_IMAGES": "max_batch_images", "SAFETY_CHECKER": "safety_checker",
-        "MAX_RESPONSE_MB": "max_response_mb", "VAE_DECODER": "vae_decoder",
-        "COMPILE": "compile", "COMPILE_BUCKETS": "compile_buckets",
-        "COMPILE_CACHE_DIR": "compile_cache_dir", "DEVICE": "device",
-        **{name: "bucket" for name in BUCKET_ENV}}
-    _PARSE: ClassVar[Mapping[str, Callable[[str, str], Any]]] = {
-        "model_dir": lambda name, text: Path(text).expanduser(),
-        "lightning_steps": lambda name, text: _parse_steps(text),
-        "warmup": _parse_bool, "download_missing": _parse_bool,
-        "safety_checker": lambda name, text: _parse_safety(text),
-        "max_concurrency": lambda name, text: _parse_int(name, text, 1, 64),
-        "max_batch_images": lambda name, text: _parse_int(name, text, 1, 64),
-        "max_response_mb": lambda name, text: float(_parse_int(name, text, 1, 1024)),
-        "vae_decoder": lambda name, text: _parse_choice(name, text, ("full", "tiny")),
-        "device": lambda name, text: _parse_choice(name, text, ("auto", "cuda", "cpu")),
-        "compile": _parse_bool,
-        "compile_buckets": _parse_buckets,
-        "compile_cache_dir": lambda name, text: Path(text).expanduser(),
-    }
-
-    @property
-    def load_safety_checker(self) -> bool:
-        return self.safety_checker != "off"
-
-    @property
-    def tiny_decoder(self) -> bool:
-        return self.vae_decoder == "tiny"
-
-    def safety_for(self, request: GenerateRequest) -> tuple[bool, list[str]]:
-        """Whether a job's images are checked, and a warning if its wish was overruled."""
-        if self.safety_checker == "off":
-            return False, []
-        if not request.disable_safety_checker:
-            return True, []
-        if self.safety_checker == "on":
-            return False, []
-        return True, ["disable_safety_checker was ignored: this worker always runs the "
-                      "safety checker (SAFETY_CHECKER=always)"]
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
-        """Build settings from ``env``; raises ``ValueError`` naming a bad variable."""
-        values: dict[str, Any] = {"bucket": {n: env[n] for n in BUCKET_ENV if env.get(n)}}
-        for name, key in cls.ENV.items():
-            if env.get(name) and key in cls._PARSE:
-                values[key] = cls._PARSE[key](name, env[name])
-        return cls(**values)
+        raise InputError(format_validation_error(exc)) from None

@@ -1,8 +1,8 @@
-"""Fetch exactly the files the worker needs into a model folder, from pinned revisions.
+"""Fetch exactly the files a ``ModelSpec`` needs into a model folder, from pinned revisions.
 
-Only what ``model_files.required_files`` lists: SDXL base's text encoders, tokenizers, scheduler
-and UNet *config* (not its 5 GB of UNet weights, which Lightning replaces), the fp16-fix VAE, and
-the Lightning checkpoint of each step count; the safety checker and TAESDXL when asked. Each file
+Only what ``ModelSpec.files`` lists: SDXL base's text encoders, tokenizers, scheduler and UNet
+*config* (not its 5 GB of UNet weights, which Lightning replaces), the fp16-fix VAE, and the
+Lightning checkpoint of each step count; the safety checker and TAESDXL when asked. Each file
 is streamed to ``NAME.part``, checked (length against Content-Length, JSON parses, safetensors
 header and size agree), and only then renamed into place, so a folder never holds a truncated
 file. A file already present and valid is skipped; a failed file is retried with backoff.
@@ -10,7 +10,7 @@ file. A file already present and valid is skipped; a failed file is retried with
 Runs at image build time (``Dockerfile``) and, when the worker starts without weights, at start.
 ``HF_ENDPOINT`` (the Hugging Face convention) points it at a mirror; ``HF_TOKEN`` is sent if set.
 
-Usage: ``python builder/download_weights.py MODEL_DIR [--steps 4 [8 ...]] [--safety-checker]
+Usage: ``python -m builder.download_weights MODEL_DIR [--steps 4 [8 ...]] [--safety-checker]
 [--tiny-decoder]``
 """
 
@@ -23,17 +23,16 @@ import logging
 import os
 import socket
 import struct
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import model_files  # noqa: E402  (the repo root is not a package)
+from builder import add_spec_arguments, spec_from_args
+from worker.spec import ModelSpec, RemoteFile
 
-log = logging.getLogger("download_weights")
+log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK = 8 << 20  # 8 MiB reads: few syscalls, little memory
@@ -44,7 +43,7 @@ class DownloadError(RuntimeError):
     """A file could not be fetched intact after every retry."""
 
 
-def file_url(endpoint: str, f: model_files.RemoteFile) -> str:
+def file_url(endpoint: str, f: RemoteFile) -> str:
     return f"{endpoint.rstrip('/')}/{f.repo}/resolve/{f.revision}/{f.remote_path}"
 
 
@@ -128,7 +127,7 @@ def _fetch(url: str, dest: Path, token: str | None, timeout: float) -> None:
         raise DownloadError(f"received {received} of {expected} bytes")
 
 
-def download_file(f: model_files.RemoteFile, model_dir: Path, endpoint: str,
+def download_file(f: RemoteFile, model_dir: Path, endpoint: str,
                   token: str | None = None, attempts: int = 4, backoff_s: float = 2.0,
                   timeout: float = 60.0) -> bool:
     """Fetch one file into place; returns False if a valid copy was already there."""
@@ -165,15 +164,14 @@ def download_file(f: model_files.RemoteFile, model_dir: Path, endpoint: str,
     raise DownloadError(f"could not fetch {url} after {attempts} attempts: {error}")
 
 
-def download(model_dir: Path, steps: tuple[int, ...], endpoint: str | None = None,
-             safety: bool = False, tiny_decoder: bool = False, **kwargs: float) -> int:
-    """Fill ``model_dir`` for the given checkpoints, plus the safety checker and the tiny
-    decoder (TAESDXL) when asked; returns how many files were fetched. ``kwargs`` go to
-    ``download_file``."""
+def download(model_dir: Path, spec: ModelSpec, endpoint: str | None = None,
+             **kwargs: float) -> int:
+    """Fill ``model_dir`` with every file of ``spec``; returns how many files were fetched.
+    ``kwargs`` go to ``download_file``."""
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
     token = os.environ.get("HF_TOKEN") or None
     fetched = 0
-    for f in model_files.required_files(steps, safety, tiny_decoder):
+    for f in spec.files():
         started = time.monotonic()
         if download_file(f, model_dir, endpoint, token, **kwargs):
             fetched += 1
@@ -186,17 +184,11 @@ def download(model_dir: Path, steps: tuple[int, ...], endpoint: str | None = Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--steps", type=int, nargs="+", default=[4],
-                        choices=sorted(model_files.CHECKPOINTS), help="checkpoints to fetch")
-    parser.add_argument("--safety-checker", action="store_true",
-                        help="also fetch the safety checker (for SAFETY_CHECKER=true/always)")
-    parser.add_argument("--tiny-decoder", action="store_true",
-                        help="also fetch TAESDXL, the tiny VAE decoder (for VAE_DECODER=tiny)")
+    add_spec_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        fetched = download(args.model_dir, tuple(sorted(set(args.steps))),
-                           safety=args.safety_checker, tiny_decoder=args.tiny_decoder)
+        fetched = download(args.model_dir, spec_from_args(args))
     except DownloadError as exc:
         log.error("%s", exc)
         return 1

@@ -1,10 +1,13 @@
-"""Write a tiny, randomly initialised SDXL-shaped model folder, offline, in about a second.
+"""Write a tiny, randomly initialised SDXL-shaped model folder for a ``ModelSpec``, offline.
 
-The folder has exactly the layout of the real one (``model_files.py``), so the worker loads it
-through the very code that loads ByteDance's weights; only the sizes differ. Tests and machines
-without model-hub access use it. Same arguments, same bytes: every tensor comes from a fixed seed.
+The folder has exactly the layout of the real one (``worker/spec.py``), so the worker loads it
+through the very code that loads ByteDance's weights; only the sizes differ. Its scheduler
+config is SDXL base's own, every field, so every scheduler runs as on the real model. Tests and
+machines without model-hub access use it. Same arguments, same bytes: every tensor comes from a
+fixed seed. Takes about a second.
 
-Usage: ``python builder/make_tiny_model.py OUT_DIR [--steps 4 [2 ...]]``
+Usage: ``python -m builder.make_tiny_model OUT_DIR [--steps 4 [2 ...]] [--safety-checker]
+[--tiny-decoder]`` (``python builder/make_tiny_model.py OUT_DIR ...`` works too).
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision-fallback notices
+if not __package__:  # run as a file: the repository root is not on sys.path then
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
+from worker import runtime
+
+runtime.configure_libraries()  # before transformers reads its environment
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from safetensors.torch import save_file
 from transformers import (
@@ -30,10 +37,17 @@ from transformers import (
     CLIPTextModelWithProjection,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import model_files  # noqa: E402  (the repo root is not a package)
+from builder import add_spec_arguments, spec_from_args
+from worker.spec import (
+    CHECKPOINTS,
+    SAFETY_WEIGHTS,
+    TAESD_DIR,
+    TEXT_ENCODER_WEIGHTS,
+    VAE_WEIGHTS,
+    ModelSpec,
+)
 
-log = logging.getLogger("make_tiny_model")
+log = logging.getLogger(__name__)
 
 # Dimensions that must agree (diffusers' own SDXL test components): cross_attention_dim =
 # hidden(te1) + hidden(te2) = 32 + 32; projection_class_embeddings_input_dim =
@@ -41,6 +55,28 @@ log = logging.getLogger("make_tiny_model")
 TEXT_HIDDEN = 32
 CLIP_CONTEXT = 77
 MERGES = ["c a", "ca t</w>", "d o", "do g</w>", "t h", "th e</w>"]  # only merges of existing tokens
+# scheduler/scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0 at the pinned
+# revision (worker.spec.BASE_REVISION), every field: the other schedulers are built from it
+# (DDIM reads clip_sample and set_alpha_to_one, PNDM skip_prk_steps). "leading" spacing is SDXL's;
+# the worker must override it to "trailing" itself.
+SDXL_BASE_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -108,7 +144,7 @@ def _text_encoders(out: Path, vocab: dict[str, int]) -> None:
         model = cls(CLIPTextConfig(**common))
         (out / sub).mkdir(parents=True, exist_ok=True)
         model.config.to_json_file(str(out / sub / "config.json"))
-        _save_fp16(model.state_dict(), out / sub / model_files.TEXT_ENCODER_WEIGHTS)
+        _save_fp16(model.state_dict(), out / sub / TEXT_ENCODER_WEIGHTS)
 
 
 def _vae(out: Path) -> None:
@@ -121,7 +157,7 @@ def _vae(out: Path) -> None:
                         force_upcast=False)
     vae.save_config(str(out / "vae"))
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()},
-              str(out / "vae" / model_files.VAE_WEIGHTS), metadata={"format": "pt"})
+              str(out / "vae" / VAE_WEIGHTS), metadata={"format": "pt"})
 
 
 def _safety_checker(out: Path) -> None:
@@ -136,7 +172,7 @@ def _safety_checker(out: Path) -> None:
     checker = StableDiffusionSafetyChecker(config)
     (out / "safety_checker").mkdir(parents=True, exist_ok=True)
     checker.config.to_json_file(str(out / "safety_checker" / "config.json"))
-    torch.save(checker.state_dict(), out / "safety_checker" / model_files.SAFETY_WEIGHTS)
+    torch.save(checker.state_dict(), out / "safety_checker" / SAFETY_WEIGHTS)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
                        ).save_pretrained(str(out / "feature_extractor"))
 
@@ -148,29 +184,30 @@ def _tiny_decoder(out: Path) -> None:
                             decoder_block_out_channels=(8, 8, 8, 8),
                             num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
                             latent_channels=4)
-    taesd.save_config(str(out / model_files.TAESD_DIR))
+    taesd.save_config(str(out / TAESD_DIR))
     save_file({k: v.contiguous() for k, v in taesd.state_dict().items()},
-              str(out / model_files.TAESD_DIR / model_files.VAE_WEIGHTS), metadata={"format": "pt"})
+              str(out / TAESD_DIR / VAE_WEIGHTS), metadata={"format": "pt"})
 
 
-def build(out: Path, steps: tuple[int, ...] = (4,),
+def build(out: Path, spec: ModelSpec,
           unet_channels: tuple[int, int] = (2, 4)) -> Path:
-    """Write the tiny model folder at ``out`` and return it."""
+    """Write the tiny model folder for ``spec`` at ``out`` and return it."""
     out.mkdir(parents=True, exist_ok=True)
-    # SDXL base ships "leading" spacing; the worker must override it to "trailing" itself.
-    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                           steps_offset=1, timestep_spacing="leading").save_config(
-        str(out / "scheduler"))
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(SDXL_BASE_SCHEDULER_CONFIG, indent=2) + "\n")
     vocab = write_tokenizer(out / "tokenizer", "<|endoftext|>")
     write_tokenizer(out / "tokenizer_2", "!")  # sdxl-base's tokenizer_2 pads with "!"
     _text_encoders(out, vocab)
     _vae(out)
     _unet(0, unet_channels).save_config(str(out / "unet"))
-    for s in steps:  # a different random UNet per checkpoint, so tests can tell them apart
-        _save_fp16(_unet(1000 + s, unet_channels).state_dict(), out / model_files.CHECKPOINTS[s])
-    _safety_checker(out)
-    _tiny_decoder(out)
-    missing = model_files.missing_files(out, steps, safety=True, tiny_decoder=True)
+    for s in spec.steps:  # a different random UNet per checkpoint, so tests can tell them apart
+        _save_fp16(_unet(1000 + s, unet_channels).state_dict(), out / CHECKPOINTS[s])
+    if spec.safety_checker:
+        _safety_checker(out)
+    if spec.tiny_decoder:
+        _tiny_decoder(out)
+    missing = spec.missing(out)
     if missing:
         raise RuntimeError(f"tiny model is missing {missing}")
     return out
@@ -179,13 +216,12 @@ def build(out: Path, steps: tuple[int, ...] = (4,),
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--steps", type=int, nargs="+", default=[4],
-                        choices=sorted(model_files.CHECKPOINTS), help="checkpoints to write")
+    add_spec_arguments(parser)
     parser.add_argument("--unet-channels", type=int, nargs=2, default=[2, 4],
                         help="UNet block widths (32 64 gives a 2M-parameter UNet)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build(args.out_dir, tuple(args.steps), tuple(args.unet_channels))
+    build(args.out_dir, spec_from_args(args), tuple(args.unet_channels))
     log.info("tiny model written to %s", args.out_dir)
     return 0
 

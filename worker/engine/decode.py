@@ -3,7 +3,8 @@
 The classic fp16 SDXL failure is a VAE that overflows to NaN (or black). The fp16-fix VAE avoids
 it; this module makes sure it can never reach a caller anyway: each image is decoded on its own
 (bounding a batch's decode memory), checked, decoded again in fp32 if it is broken, and refused
-with ``BadOutputError`` if even that fails. Works with the full VAE and with TAESDXL.
+with ``BadOutputError`` (a ``JobError``) if even that fails. Works with the full VAE and with
+TAESDXL.
 """
 
 from __future__ import annotations
@@ -14,11 +15,17 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 
+from worker.errors import JobError
+
 log = logging.getLogger(__name__)
 
 
-class BadOutputError(RuntimeError):
+class BadOutputError(JobError):
     """The VAE decoded NaN or an all-black image, even in full precision."""
+
+    def __init__(self) -> None:
+        super().__init__("the model produced an invalid (NaN or all-black) image even after a "
+                         "full-precision decode: try another seed or prompt")
 
 
 def _decode(vae: AutoencoderKL | AutoencoderTiny, latents: torch.Tensor) -> torch.Tensor:
@@ -56,7 +63,7 @@ def decode_latents(vae: AutoencoderKL | AutoencoderTiny,
             log.warning("VAE output in %s was NaN or black: decoding again in fp32", vae.dtype)
             pixels = _decode_fp32(vae, one)
         if not _usable(pixels):
-            raise BadOutputError("the VAE decoded a NaN or all-black image")
+            raise BadOutputError
         array = (pixels[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         images.append(Image.fromarray(array))
     return images

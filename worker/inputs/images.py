@@ -2,19 +2,20 @@
 
 Owns: the encodings a field may use, the byte, pixel and format limits, decoding (sizes checked
 from the header before any pixel is decoded) and mode and orientation normalisation. URLs are
-fetched by ``url_fetch``, whose ``FetchError`` becomes an ``ImageInputError`` here.
+fetched by ``inputs/fetch``; its ``FetchError`` gains the field's name here. Every refusal is an
+``InputError`` whose message starts with the field.
 
 One value may be (what Cloudflare Workers AI, Replicate and RunPod clients send):
 - base64, raw or as a ``data:<type>;base64,`` URI; whitespace, missing padding and the URL-safe
   alphabet are tolerated. The declared MIME type is ignored: the file header decides.
-- an ``https://`` URL (``http://`` only with ``allow_http``), fetched by ``url_fetch``.
+- an ``https://`` URL (``http://`` only with ``allow_http``), fetched by ``inputs/fetch``.
 - a JSON array of byte values 0-255 of an image file (Cloudflare's ``image: [137, 80, ...]``).
 
-Limits (``InputLimits``; defaults): 20 MiB a file (RunPod's /runsync payload cap, so nothing
-larger arrives inline); 16.8 MP (4096²) and 8192 px a side (outputs are at most 1536²); formats
-PNG, JPEG and WEBP (GIF is palette-only and animated, BMP and TIFF are rare from API clients and
-widen the decoder surface; ``formats`` can add them); for URLs 10 s for the whole download,
-redirects included, at most 3 redirects, https only, public addresses only.
+Limits (``InputLimits``; defaults): 20 MiB a file (RunPod's /runsync payload cap is 20 MB, so
+nothing larger arrives inline); 16.8 MP (4096²) and 8192 px a side (outputs are at most 1536²);
+formats PNG, JPEG and WEBP (GIF is palette-only and animated, BMP and TIFF are rare from API
+clients and widen the decoder surface; ``formats`` can add them); for URLs 10 s for the whole
+download, redirects included, at most 3 redirects, https only, public addresses only.
 
 Results: ``load_image`` gives RGB with transparency composited on white (what a viewer shows;
 dropping alpha would expose whatever colour transparent pixels happen to store) and EXIF
@@ -32,46 +33,34 @@ import io
 import logging
 import re
 import ssl
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from url_fetch import (
-    MB,
+from worker.errors import MIB, InputError, brief_reason, shown, size_text
+from worker.formats import sniff
+from worker.inputs.fetch import (
     FetchError,
     FetchLimits,
     Opener,
     Resolver,
-    brief_reason,
-    brief_repr,
     fetch,
-    size_text,
     system_resolver,
     tcp_connect,
 )
 
-log = logging.getLogger("worker.image_inputs")
+log = logging.getLogger(__name__)
 
 EXPECTED = "base64 image data, a data: URI, an https URL or an array of byte values 0-255"
-
-# Pillow warns (DecompressionBombWarning) past Image.MAX_IMAGE_PIXELS and raises past twice that.
-# decode() checks the pixel count itself right after Image.open, against the lower of our limit
-# and Pillow's, so the warning adds nothing; DecompressionBombError is still caught there. This
-# filter is set once at import: warnings.catch_warnings() per call is not thread-safe, and images
-# are decoded in several threads at once.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
-class ImageInputError(ValueError):
-    """A caller-facing message naming the field; the job fails, the worker keeps serving."""
+# Pillow's DecompressionBombWarning is silenced process-wide by worker/runtime.py: decode()
+# checks the pixel count itself, and DecompressionBombError is still caught there.
 
 
 @dataclass(frozen=True)
 class InputLimits:
-    max_bytes: int = 20 * MB
+    max_bytes: int = 20 * MIB
     max_pixels: int = 4096 * 4096
     max_side: int = 8192
     formats: frozenset[str] = frozenset({"PNG", "JPEG", "WEBP"})
@@ -100,7 +89,7 @@ DEFAULT_LIMITS = InputLimits()
 def load_image(value: Any, field: str, limits: InputLimits = DEFAULT_LIMITS, *,
                resolver: Resolver = system_resolver, opener: Opener = tcp_connect,
                ssl_context: ssl.SSLContext | None = None) -> Image.Image:
-    """``value`` as an RGB image; raises ``ImageInputError`` naming ``field``."""
+    """``value`` as an RGB image; raises ``InputError`` naming ``field``."""
     data = read_bytes(value, field, limits, resolver=resolver, opener=opener,
                       ssl_context=ssl_context)
     return _flatten(decode(data, field, limits), "RGB", background=255)
@@ -162,7 +151,7 @@ def _from_base64(text: str, field: str, limits: InputLimits) -> bytes:
     if not compact:
         raise _error(field, f"is empty; expected {EXPECTED}")
     if bad := _NOT_BASE64.search(compact):
-        raise _error(field, f"not valid base64 (unexpected {brief_repr(bad.group())} at character "
+        raise _error(field, f"not valid base64 (unexpected {shown(bad.group())} at character "
                             f"{bad.start() + 1}); expected {EXPECTED}")
     if len(compact) % 4 == 1:
         raise _error(field, f"not valid base64 ({len(compact)} characters: cut short?)")
@@ -182,16 +171,13 @@ def _from_byte_array(items: list[Any], field: str, limits: InputLimits) -> bytes
             return bytes(items)
     for index, item in enumerate(items):
         if type(item) is not int or not 0 <= item <= 255:
-            raise _error(field, f"byte array element {index} is {brief_repr(item)}; expected "
+            raise _error(field, f"byte array element {index} is {shown(item)}; expected "
                                 f"integers 0-255")
     raise AssertionError("unreachable")
 
 
 # --- decoding ------------------------------------------------------------------------------
 
-_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"),
-               (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"), (b"8BPS", "PSD"), (b"%PDF", "PDF"),
-               (b"\0\0\1\0", "ICO"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"))
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
@@ -229,13 +215,7 @@ def decode(data: bytes, field: str, limits: InputLimits = DEFAULT_LIMITS) -> Ima
 
 def _unidentified(data: bytes, limits: InputLimits) -> str:
     accepted = ", ".join(sorted(limits.formats))
-    found = next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        found = "WEBP"
-    elif data[:2] == b"BM" and data[6:10] == b"\0\0\0\0":
-        found = "BMP"
-    elif data[4:8] == b"ftyp":
-        found = "HEIF/AVIF"
+    found = sniff(data)
     if found and found not in limits.formats:
         return f"format {found} is not accepted ({accepted})"
     if found:
@@ -258,16 +238,16 @@ def _flatten(image: Image.Image, mode: str, background: int) -> Image.Image:
 
 # --- messages ------------------------------------------------------------------------------
 
-def _error(field: str, message: str) -> ImageInputError:
-    return ImageInputError(f"{field}: {message}")
+def _error(field: str, message: str) -> InputError:
+    return InputError(f"{field}: {message}")
 
 
 def _check_size(size: int, field: str, limits: InputLimits) -> None:
     if size > limits.max_bytes:
-        shown, limit = size_text(size), size_text(limits.max_bytes)
-        if shown == limit:  # 20 MB + 1 byte
-            shown, limit = f"{size} bytes", f"{limits.max_bytes} bytes"
-        raise _error(field, f"the file is {shown}; the limit is {limit}")
+        got, limit = size_text(size), size_text(limits.max_bytes)
+        if got == limit:  # 20 MiB + 1 byte
+            got, limit = f"{size} bytes", f"{limits.max_bytes} bytes"
+        raise _error(field, f"the file is {got}; the limit is {limit}")
 
 
 def _json_type(value: Any) -> str:

@@ -3,27 +3,22 @@
 ``encode(image, fmt, quality)`` takes a PIL image or a uint8 HxWx3 numpy array and always writes
 8-bit RGB. ``data_uri(data)`` names the MIME type that the bytes' signature shows.
 
-The encoders were chosen by measurement (``bench/encode.py``; tables in ``bench/RESULTS.md``,
-``## Encoding``): a 1024x1024 generated-looking image (gradients, blobs, noise sigma 0.03) on a
-shared 2-core Xeon, CPython 3.11.7, Pillow 13.0.0; ratios are medians of interleaved runs against
-Pillow's default PNG (level 6: 308-454 ms with the machine loaded, 190 ms quieter).
+The encoders were chosen by measurement (``bench/encode.py``; the figures are in
+``bench/RESULTS.md``, "Encoding"), against Pillow's default PNG on a 1024² generated-looking image:
 
-- PNG: **fpng** (``fpng==0.1.0``, a 0.1 MB wheel for cp311 and cp312+): ratio 0.016-0.039 in
-  three runs (goal <= 0.1), 6-15 ms. Lossless; files 12-15 % larger than level 6 (2357 against
-  2106 KiB; 1751 against 1520 at noise 0.01). Missed the goal: imagecodecs' libpng level 1 RLE
-  0.16-0.18 (a 28 MB wheel), OpenCV level 1 RLE 0.29-0.37, Pillow level 1 0.70-0.95, Pillow
-  level 0 0.40 for uncompressed files. fpng-py/fpng-py-fix wrap the same code but ship no wheels.
-- JPEG: Pillow (libjpeg-turbo 3.2), 4:2:0 chroma (its default), ratio 0.02-0.03; simplejpeg was
-  no faster from a PIL image (the pipeline's output) and ~1 ms faster from an array: not
-  adopted. 4:4:4 costs ~1.7x time and 1.8x bytes for +0.9 dB.
-- WebP: Pillow with ``method=0`` (``WEBP_METHOD``): ratio 0.27-0.30 against 0.79-0.85 for
-  libwebp's default method 4, same PSNR (31.8 dB), 310 against 307 KiB; on smoother content
-  (noise 0.01) 43 against 57 KiB for 0.2 dB less.
+- PNG: **fpng** (a 0.1 MB wheel), lossless, far under the goal of 1/10 of Pillow's default time;
+  files are a little larger. imagecodecs' and OpenCV's fast PNG levels and Pillow's level 0/1
+  missed the goal; fpng-py/fpng-py-fix wrap the same code but ship no wheels.
+- JPEG: Pillow (libjpeg-turbo), 4:2:0 chroma (its default); simplejpeg was no faster from a PIL
+  image (the pipeline's output): not adopted. 4:4:4 costs more time and bytes for little PSNR.
+- WebP: Pillow with ``method=0`` (``WEBP_METHOD``): several times faster than libwebp's default
+  method 4 at the same PSNR and size on generated images.
 
 fpng has sharp edges, handled here: it writes corrupt files for sides of 65536 px or more and
 returns empty bytes instead of raising on failure, and it silently casts any dtype to uint8. So
-inputs are checked first (sides up to ``MAX_SIDE``, the WebP limit), and empty output raises. It
-also holds the GIL, so PNG encodes do not overlap in threads; at ~5 ms each that costs little.
+inputs are checked first (sides up to ``MAX_ENCODABLE_SIDE``, the WebP limit), and empty output
+raises. It also holds the GIL, so PNG encodes do not overlap in threads; at a few ms each that
+costs little.
 """
 
 from __future__ import annotations
@@ -34,34 +29,36 @@ from typing import Any
 
 import fpng
 import numpy as np
-import pybase64  # SIMD base64: ~5x faster than the stdlib's on a 2.4 MB PNG (bench)
+import pybase64  # SIMD base64: several times faster than the stdlib's on a 1024² PNG (bench)
 from PIL import Image
 
-FORMATS = ("png", "jpeg", "webp")
+from schemas import OUTPUT_FORMATS
+from worker.formats import sniff
+
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 
-# libwebp's method 0-6 trades time for size; 0 was ~3x faster than the default 4 at quality 90
-# with the same PSNR and no bigger files on generated images (bench/RESULTS.md).
+# libwebp's method 0-6 trades time for size; 0 was the fastest at quality 90 with the same PSNR
+# and no bigger files on generated images (bench/RESULTS.md).
 WEBP_METHOD = 0
 # WebP's largest side; fpng writes corrupt PNGs from 65536 px. The worker serves 512-1536 px.
-MAX_SIDE = 16383
+MAX_ENCODABLE_SIDE = 16383
 # 8-bit PIL modes that convert to RGB without losing range (alpha is dropped).
 _CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                       "LAB", "HSV"}
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def encode(image: Image.Image | np.ndarray, fmt: str = "png", quality: int = 90) -> bytes:
     """``image`` as a ``fmt`` file; ``quality`` (1-100) is checked always, used by jpeg/webp."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unsupported output format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"unsupported output format {fmt!r}: use one of "
+                         f"{', '.join(OUTPUT_FORMATS)}")
     if isinstance(quality, bool) or not isinstance(quality, numbers.Integral) \
             or not 1 <= quality <= 100:
         raise ValueError(f"quality must be an integer from 1 to 100, got {quality!r}")
     if fmt == "png":
         data = fpng.from_ndarray(_rgb_array(image))
-        if not data.startswith(_PNG_SIGNATURE):
+        if sniff(data) != "PNG":
             raise RuntimeError("fpng returned no PNG data")
         return data
     buffer = io.BytesIO()
@@ -74,25 +71,13 @@ def encode(image: Image.Image | np.ndarray, fmt: str = "png", quality: int = 90)
     return buffer.getvalue()
 
 
-def format_of(data: bytes) -> str | None:
-    """The format whose signature ``data`` starts with, or None."""
-    head = bytes(data[:12])
-    if head.startswith(_PNG_SIGNATURE):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
 def data_uri(data: bytes, fmt: str | None = None) -> str:
     """A ``data:`` URI whose MIME type is the one the bytes' signature shows.
 
     ``fmt``, when given, must agree with the bytes: a mismatch (JPEG bytes labelled PNG) raises.
     """
-    found = format_of(data)
-    if found is None:
+    found = (sniff(data) or "").lower()
+    if found not in MIME_TYPES:
         raise ValueError(f"not PNG, JPEG or WebP data (starts with {bytes(data[:12])!r})")
     if fmt is not None and fmt != found:
         raise ValueError(f"data is {found}, not {fmt!r}")
@@ -126,6 +111,6 @@ def _rgb_array(image: Any) -> np.ndarray:
 
 
 def _check_size(width: int, height: int) -> None:
-    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+    if not (1 <= width <= MAX_ENCODABLE_SIDE and 1 <= height <= MAX_ENCODABLE_SIDE):
         raise ValueError(f"cannot encode a {width}x{height} image: each side must be 1 to "
-                         f"{MAX_SIDE} px")
+                         f"{MAX_ENCODABLE_SIDE} px")

@@ -1,15 +1,14 @@
 """The optional safety checker: CompVis's CLIP-based NSFW classifier, run on generated images.
 
-Only loaded when ``SAFETY_CHECKER`` is on. It gives one verdict per image; the handler withholds
-flagged images (``"image": null, "nsfw": true``) rather than returning the black pictures the
-checker itself would substitute.
+Loaded only when ``SAFETY_CHECKER`` is on (``ModelSpec.safety_checker``). It gives one verdict
+per image; ``pipeline.Engine`` withholds flagged images (``"image": null, "nsfw": true``) rather
+than returning the black pictures the checker itself would substitute.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,28 +16,24 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-if TYPE_CHECKING:
-    from pipeline import Model
-
 Checker = tuple[StableDiffusionSafetyChecker, CLIPImageProcessor]
 
 
-def load_safety_checker(model_dir: Path, device: torch.device,
-                        dtype: torch.dtype) -> Checker:
+def load_checker(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Checker:
+    """The checker and its image preprocessing, from the model folder."""
     checker = StableDiffusionSafetyChecker.from_pretrained(model_dir / "safety_checker",
                                                            dtype=dtype).to(device)
     return checker.eval(), CLIPImageProcessor.from_pretrained(model_dir / "feature_extractor")
 
 
-def nsfw_flags(model: Model, images: Sequence[Image.Image]) -> list[bool]:
+def nsfw_flags(checker: Checker, images: Sequence[Image.Image], device: torch.device,
+               dtype: torch.dtype) -> list[bool]:
     """The safety checker's verdict per image (one CLIP image pass each)."""
-    if model.safety is None:
-        raise RuntimeError("the safety checker is not loaded (SAFETY_CHECKER=false)")
-    checker, processor = model.safety
+    model, processor = checker
     pixels = processor(list(images), return_tensors="pt").pixel_values
     with torch.inference_mode():
         # The checker also blacks out flagged images in the array it is given: hand it a dummy,
         # since the worker withholds flagged images instead of returning black pictures.
-        _, flags = checker(images=np.zeros((len(images), 1, 1, 3), np.float32),
-                           clip_input=pixels.to(model.device, model.dtype))
+        _, flags = model(images=np.zeros((len(images), 1, 1, 3), np.float32),
+                         clip_input=pixels.to(device, dtype))
     return [bool(flag) for flag in flags]

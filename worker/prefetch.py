@@ -1,16 +1,16 @@
 """Read the model's files into the page cache while Python is still importing torch.
 
 A cold worker spends 4-7 s importing torch, diffusers and transformers before it reads a byte of
-the ~7 GB of weights; reading them meanwhile, in a daemon thread, overlaps the two. Measured on
-the full-size folder from a cold page cache (bench/RESULTS.md, 2-core CPU): start-to-ready
-11.7 s without, 7.7 s with (medians). Stdlib only, so it starts before the heavy imports; best
-effort: any problem here is left for the real start-up to report.
+the ~7 GB of weights; reading them meanwhile, in a daemon thread, overlaps the two (measured in
+bench/RESULTS.md, "Cold start"). No torch import, so ``handler`` starts it before the heavy
+imports; best effort: any problem here is left for the real start-up to report.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 CHUNK = 16 << 20  # large sequential reads; the data itself is dropped
@@ -34,21 +34,18 @@ def start(paths: list[Path]) -> threading.Thread:
     return thread
 
 
-def start_from_env(env: dict[str, str] | None = None) -> threading.Thread | None:
+def start_from_env(env: Mapping[str, str] | None = None) -> threading.Thread | None:
     """Prefetch the files the worker is about to load, found as start-up will find them."""
     try:
-        import model_files
-        import model_location
-        from schemas import Settings
+        from worker.location import locate
+        from worker.settings import Settings
 
         settings = Settings.from_env(os.environ if env is None else env)
-        model_dir, _ = model_location.locate(settings.model_dir, settings.lightning_steps,
-                                             safety=settings.load_safety_checker,
-                                             tiny_decoder=settings.tiny_decoder)
-        files = model_files.required_files(settings.lightning_steps,
-                                           settings.load_safety_checker, settings.tiny_decoder)
+        spec = settings.model_spec
+        model_dir, _ = locate(settings.model_dir, spec)
+        files = spec.files()
     except Exception:  # noqa: BLE001 - start-up reports bad settings properly
         return None
-    # required_files lists them in the order the loader reads them: encoders, VAE, UNet.
+    # spec.files() lists them in the order the loader reads them: encoders, VAE, UNet.
     paths = [model_dir / f.path for f in files if (model_dir / f.path).is_file()]
     return start(paths) if paths else None

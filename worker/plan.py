@@ -1,9 +1,10 @@
 """Turn a validated request into the exact parameters a generation uses, and say what changed.
 
-Pure functions, no torch: the snapping, clamping, step resolution, strength quantisation and
-seed assignment that the API table promises, each change reported as a human-readable warning.
-The result, ``Plan``, is what ``pipeline.generate`` runs and what the response echoes under
-``parameters``. Decoded init images are attached to the plan by the handler, not here.
+Pure functions, no torch: the snapping, clamping, step resolution, strength quantisation, seed
+assignment and safety-checker decision that the API table promises, each change reported as a
+human-readable warning. The result, ``Plan``, is what the GPU queue batches, what
+``pipeline.Engine`` runs and what the response echoes under ``parameters``. Decoded init images
+are attached by ``worker/inputs/prepare.py``, not here.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import model_files
 from schemas import DEFAULT_STRENGTH, MAX_SIDE, MIN_SIDE, SEED_LIMIT, SIDE_MULTIPLE, GenerateRequest
+from worker.errors import InputError
+from worker.spec import CHECKPOINTS, MODEL_NAME
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps in this run): per-step progress
 
 # diffusers runs classifier-free guidance only when guidance_scale > 1; at or below it the
 # negative prompt is never encoded and the value changes nothing.
@@ -38,13 +42,13 @@ class Plan:
     scheduler: str = "K_EULER"
     output_format: str = "png"
     quality: int = 90
-    safety_check: bool = False
-    init_image: Any = None  # PIL images at (width, height), attached by the handler
+    safety_check: bool = False  # this job's images go through the safety checker
+    init_image: Any = None  # PIL images at (width, height), attached by inputs/prepare.py
     mask_image: Any = None
 
     @property
     def checkpoint(self) -> str:
-        return model_files.CHECKPOINTS[self.steps]
+        return CHECKPOINTS[self.steps]
 
     def with_images(self, init_image: Any, mask_image: Any) -> Plan:
         return replace(self, init_image=init_image, mask_image=mask_image)
@@ -65,7 +69,7 @@ class Plan:
                 "strength": self.strength, "scheduler": self.scheduler,
                 "output_format": self.output_format, "quality": self.quality if lossy else None,
                 "safety_checker": self.safety_check,
-                "model": model_files.MODEL_NAME, "checkpoint": self.checkpoint}
+                "model": MODEL_NAME, "checkpoint": self.checkpoint}
 
 
 def snap_side(name: str, value: int) -> tuple[int, str | None]:
@@ -137,7 +141,7 @@ def resolve_strength(req: GenerateRequest, steps: int) -> tuple[float | None, li
     strength = req.strength if req.strength is not None else DEFAULT_STRENGTH[req.mode]
     run = min(int(steps * strength), steps)  # the exact formula of diffusers' get_timesteps
     if run < 1:
-        raise ValueError(f"invalid input: strength={strength:g} runs no denoising step with the "
+        raise InputError(f"invalid input: strength={strength:g} runs no denoising step with the "
                          f"{steps}-step checkpoint; the smallest allowed is {1 / steps:g}")
     effective = run / steps
     if effective == strength:
@@ -146,13 +150,27 @@ def resolve_strength(req: GenerateRequest, steps: int) -> tuple[float | None, li
                        f"{effective:g}"]
 
 
-def resolve(req: GenerateRequest, available_steps: tuple[int, ...],
-            new_seed: Callable[[], int] = draw_seed, image_size: tuple[int, int] | None = None,
-            safety_check: bool = False) -> tuple[Plan, list[str]]:
+def resolve_safety(mode: str, req: GenerateRequest) -> tuple[bool, list[str]]:
+    """Whether a job's images are checked under ``SAFETY_CHECKER=mode`` (off, on, always), and
+    a warning when the caller's ``disable_safety_checker`` was overruled."""
+    if mode == "off":
+        return False, []
+    if not req.disable_safety_checker:
+        return True, []
+    if mode == "on":
+        return False, []
+    return True, ["disable_safety_checker was ignored: this worker always runs the safety "
+                  "checker (SAFETY_CHECKER=always)"]
+
+
+def resolve(req: GenerateRequest, available_steps: tuple[int, ...], *, safety_mode: str = "off",
+            image_size: tuple[int, int] | None = None,
+            new_seed: Callable[[], int] = draw_seed) -> tuple[Plan, list[str]]:
     """The plan for ``req`` on a worker with ``available_steps`` loaded, and its warnings.
 
-    ``image_size`` is the decoded init image's size (img2img and inpainting); raises
-    ``ValueError`` for a strength too small to run a single step.
+    ``safety_mode`` is the worker's ``SAFETY_CHECKER`` setting; ``image_size`` the decoded init
+    image's size (img2img and inpainting). Raises ``InputError`` for a strength too small to
+    run a single step.
     """
     warnings: list[str] = []
     if image_size is not None:
@@ -169,14 +187,22 @@ def resolve(req: GenerateRequest, available_steps: tuple[int, ...],
     steps, s_warn = resolve_steps(req.num_inference_steps, available_steps)
     strength, strength_warnings = resolve_strength(req, steps)
     guidance, negative, g_warnings = _guidance(req)
+    checked, safety_warnings = resolve_safety(safety_mode, req)
     first = new_seed() if req.seed is None else req.seed
     # Image i uses seed + i, wrapped so every reported seed is itself a valid input.
     seeds = tuple((first + i) % SEED_LIMIT for i in range(req.num_images))
     plan = Plan(prompt=req.prompt, negative_prompt=negative, width=width, height=height,
                 steps=steps, guidance_scale=guidance, seeds=seeds, mode=req.mode,
                 strength=strength, scheduler=req.scheduler, output_format=req.output_format,
-                quality=req.quality, safety_check=safety_check)
+                quality=req.quality, safety_check=checked)
     warnings += [w for w in (w_warn, h_warn, s_warn) if w] + strength_warnings + g_warnings
     if req.output_format == "png" and "quality" in req.model_fields_set:
         warnings.append("quality was ignored: png is lossless")
-    return plan, warnings
+    return plan, warnings + safety_warnings
+
+
+def warmup_plan(steps: int, width: int, height: int) -> Plan:
+    """One image of ``width`` x ``height`` with the ``steps`` checkpoint, to warm up or compile
+    the kernels of that shape before any job arrives."""
+    return Plan(prompt="warm-up", negative_prompt=None, width=width, height=height, steps=steps,
+                guidance_scale=0.0, seeds=(0,))

@@ -1,15 +1,16 @@
 """Fetches a caller-supplied URL without letting the caller reach the worker's own network (SSRF).
 
 Owns: the address policy (``blocked_reason``), resolving and dialling once (``Resolver``,
-``Opener``), TLS, redirects, the whole-download deadline and byte cap (``FetchLimits``), and the
-short, safe message fragments (sizes, values, exceptions) its callers reuse.
+``Opener``), TLS, redirects, and the whole-download deadline and byte cap (``FetchLimits``).
+Generic: it fetches bytes for any field of a job (``inputs/images`` today).
 
 The host is resolved once; every address must be public unless ``allow_private`` (loopback,
 RFC 1918, link-local incl. cloud metadata, CGNAT, multicast, reserved, IPv4 embedded in IPv6...);
 the connection goes to a checked address (no second lookup: DNS rebinding) with the original
 Host header, SNI and certificate check; redirects are followed by hand and re-checked. The body
-must be an image (Content-Type image/*, binary or none). Errors (``FetchError``) name the origin
-and logs the host, never a path or query (they may hold tokens) nor the body.
+must be an image (Content-Type image/*, binary or none). Errors (``FetchError``, an
+``InputError``: the URL is the caller's) name the origin and logs the host, never a path or query
+(they may hold tokens) nor the body.
 """
 
 from __future__ import annotations
@@ -26,31 +27,32 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-log = logging.getLogger("worker.url_fetch")
+from worker.errors import MIB, InputError, brief_reason, shown, size_text
 
-MB = 1024 * 1024
+log = logging.getLogger(__name__)
+
 CHUNK = 64 * 1024
 MAX_URL_CHARS = 8192
 Resolver = Callable[[str, int], Sequence[str]]  # (host, port) -> IP addresses
 Opener = Callable[[str, int, float], socket.socket]  # (IP address, port, timeout) -> connected
 
 _REDIRECTS = {301, 302, 303, 307, 308}
+_NOT_IN_HOST = re.compile(r"[\x00-\x20\x7f]")  # what http.client refuses in a host
 _BINARY_TYPES = {"application/octet-stream", "binary/octet-stream"}
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 # Not global, yet ``is_global`` says so on some Python versions.
 _SPECIAL = tuple(ipaddress.ip_network(net) for net in ("192.0.0.0/24", "64:ff9b:1::/48"))
 
 
-class FetchError(ValueError):
+class FetchError(InputError):
     """Why the URL could not be fetched: caller-facing, naming the origin, never the path."""
 
 
 @dataclass(frozen=True)
 class FetchLimits:
-    max_bytes: int = 20 * MB
+    max_bytes: int = 20 * MIB
     timeout_s: float = 10.0  # the whole fetch, redirects included, not per read
     max_redirects: int = 3
     allow_http: bool = False
@@ -127,7 +129,11 @@ def fetch(url: str, limits: FetchLimits, *, label: str = "url",  # label: for lo
         if isinstance(result, bytes):
             log.info("%s: %d bytes from %s", label, len(result), target.host)
             return result
-        url = urljoin(url, result)
+        try:
+            url = urljoin(url, result)
+        except ValueError as exc:  # e.g. Location: http://[::1 (an unclosed IPv6 literal)
+            raise FetchError(f"{target.origin} redirected to an invalid URL "
+                             f"({brief_reason(exc)})") from None
     raise FetchError(f"too many redirects (more than {limits.max_redirects})")
 
 
@@ -150,6 +156,8 @@ def _parse_url(url: str, limits: FetchLimits) -> _Target:
         raise FetchError(f"URL must use https (got {scheme[:20]})")
     if not host:
         raise FetchError("the URL has no host")
+    if _NOT_IN_HOST.search(host):  # http.client would raise InvalidURL when connecting
+        raise FetchError("not a valid URL (the host has a space or a control character)")
     if parts.username is not None:
         raise FetchError("the URL must not carry credentials (user:password@)")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -239,10 +247,10 @@ def _get(target: _Target, addresses: list[str], limits: FetchLimits, opener: Ope
             return location
         if response.status != 200:
             raise FetchError(f"{target.origin} returned HTTP {response.status} "
-                             f"({brief_repr(response.reason, 40)})")
+                             f"({shown(response.reason)})")
         kind = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
         if kind and not kind.startswith("image/") and kind not in _BINARY_TYPES:
-            raise FetchError(f"{target.origin} sent Content-Type {brief_repr(kind, 40)}, not an "
+            raise FetchError(f"{target.origin} sent Content-Type {shown(kind)}, not an "
                              f"image")
         return _read_body(response, target, limits, deadline, timed_out)
     except FetchError:
@@ -254,7 +262,7 @@ def _get(target: _Target, addresses: list[str], limits: FetchLimits, opener: Ope
             raise timed_out from None
         if isinstance(exc, ssl.SSLCertVerificationError):
             raise FetchError(f"TLS certificate check failed for {target.host} "
-                             f"({brief_repr(exc.verify_message, 80)})") from None
+                             f"({shown(exc.verify_message, 80)})") from None
         raise FetchError(f"could not fetch {target.origin} ({brief_reason(exc)})") from None
     finally:
         watchdog.cancel()
@@ -284,26 +292,3 @@ def _read_body(response: http.client.HTTPResponse, target: _Target, limits: Fetc
     if announced is not None and total < announced:
         raise FetchError(f"{target.origin} sent {total} of the {announced} bytes it announced")
     return b"".join(chunks)
-
-
-# --- message fragments ---------------------------------------------------------------------
-
-def size_text(count: int) -> str:
-    """A byte count for people: "20 MB", "97.7 KB", "50 bytes"."""
-    if count >= MB:
-        return f"{count / MB:.1f}".removesuffix(".0") + " MB"
-    if count >= 1024:
-        return f"{count / 1024:.1f}".removesuffix(".0") + " KB"
-    return f"{count} bytes"
-
-
-def brief_repr(value: Any, limit: int = 40) -> str:
-    """A short repr of a bad value: enough to recognise it, never a whole image."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
-
-
-def brief_reason(exc: BaseException) -> str:
-    """An exception as a short message: no traceback, no object addresses."""
-    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "data", str(exc)) or type(exc).__name__
-    return text if len(text) <= 120 else text[:120] + "..."

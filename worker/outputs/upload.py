@@ -3,7 +3,8 @@
 Owns: where a bucket is configured (``BUCKET_*`` env vars for the worker, a job's ``s3Config``),
 object keys, and ``Uploader.upload``: ``put_object``, then a presigned GET URL for the caller.
 Unlike runpod's ``rp_upload``, a half-set configuration is an error rather than a silent local
-path, and a failure is an ``UploadError`` with one clear message.
+path (``StartupError`` for the worker's settings, ``InputError`` for a job's ``s3Config``), and
+a failed upload is an ``UploadError`` (a ``JobError``) with one clear message.
 
 Secrets stay secret: ``Bucket``'s repr masks both keys, and no message or log line here carries a
 key, a secret or a presigned URL (only the bucket and the object key are logged). botocore's own
@@ -26,11 +27,13 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
+from worker.errors import InputError, JobError, StartupError
+from worker.settings import BUCKET_ENV
 
 log = logging.getLogger(__name__)
 
-ENV_KEYS = (
-    "BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME")
 S3_CONFIG_KEYS = ("accessId", "accessSecret", "bucketName", "endpointUrl")
 # rp_upload's default, and the longest a SigV4 presigned URL may live.
 MAX_EXPIRY_S = 604_800
@@ -58,7 +61,7 @@ AWS_HOST_RE = re.compile(
     r"(?:(?P<bucket>[^/]+)\.)?s3(?:[.-](?P<region>[a-z]{2}(?:-[a-z]+)+-\d))?\.amazonaws\.com")
 
 
-class UploadError(RuntimeError):
+class UploadError(JobError):
     """An upload failed; the message names the bucket and the error code, never a credential."""
 
     def __init__(self, message: str, code: str) -> None:
@@ -85,26 +88,28 @@ class Bucket:
     __str__ = __repr__
 
 
-def _bucket(origin: str, url: str, key_id: str, secret: str, name: str | None) -> Bucket:
+def _bucket(origin: str, url: str, key_id: str, secret: str, name: str | None,
+            error: type[Exception]) -> Bucket:
     """Split ``url`` into the service endpoint and the bucket it names, if any.
 
     Path style (``http://host:9000/my-bucket``) or virtual-hosted style
     (``https://my-bucket.s3.us-east-1.amazonaws.com``), as RunPod's docs write it; an explicit
     ``name`` wins over the URL's. ``origin`` names the setting in errors: the URL is not echoed.
+    ``error`` is the type to raise: whose mistake a bad URL is depends on where it came from.
     """
     try:
         parts = urlsplit(url.strip())
         parts.port  # noqa: B018 - parsing the port is what raises for 99999 or "x"
     except ValueError as exc:
-        raise ValueError(f"{origin} is not a valid URL ({exc})") from None
+        raise error(f"{origin} is not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{origin} must be an http(s) URL, e.g. "
-                         f"https://my-bucket.s3.us-east-1.amazonaws.com or http://host:9000/bucket")
+        raise error(f"{origin} must be an http(s) URL, e.g. "
+                    f"https://my-bucket.s3.us-east-1.amazonaws.com or http://host:9000/bucket")
     if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError(f"{origin} must not carry credentials, a query or a fragment")
+        raise error(f"{origin} must not carry credentials, a query or a fragment")
     segments = [s for s in parts.path.split("/") if s]
     if len(segments) > 1:
-        raise ValueError(f"{origin} may name a bucket in its path but nothing after it")
+        raise error(f"{origin} may name a bucket in its path but nothing after it")
     host = parts.netloc
     aws = AWS_HOST_RE.fullmatch(parts.hostname)
     url_bucket = segments[0] if segments else (aws and aws["bucket"])
@@ -116,13 +121,19 @@ def _bucket(origin: str, url: str, key_id: str, secret: str, name: str | None) -
         log.warning("%s names bucket %s; using %s as configured", origin, url_bucket, name)
     bucket_name = name or url_bucket
     if not bucket_name:
-        raise ValueError(f"cannot tell the bucket from {origin}: set BUCKET_NAME, or put the "
-                         f"bucket in the URL (https://BUCKET.s3.REGION.amazonaws.com or "
-                         f"http://host:port/BUCKET)")
+        raise error(f"cannot tell the bucket from {origin}: set BUCKET_NAME, or put the "
+                    f"bucket in the URL (https://BUCKET.s3.REGION.amazonaws.com or "
+                    f"http://host:port/BUCKET)")
     if not BUCKET_NAME_RE.fullmatch(bucket_name):
-        raise ValueError(f"bucket name {bucket_name!r} is invalid: 3-222 letters, digits, "
-                         f"dots, hyphens or underscores")
-    return Bucket(endpoint_url=f"{parts.scheme}://{host}", access_key_id=key_id.strip(),
+        raise error(f"bucket name {bucket_name!r} is invalid: 3-222 letters, digits, "
+                    f"dots, hyphens or underscores")
+    endpoint = f"{parts.scheme}://{host}"
+    # botocore refuses such a host only when the client is made, at the first upload: after
+    # the GPU ran, as an internal error. Its own check, here, makes it the setting's error.
+    if not (is_valid_endpoint_url(endpoint) or is_valid_ipv6_endpoint_url(endpoint)):
+        raise error(f"{origin} has a host name S3 clients refuse: use labels of 1-63 letters, "
+                    f"digits and inner hyphens, 255 characters in all, or an IP address")
+    return Bucket(endpoint_url=endpoint, access_key_id=key_id.strip(),
                   secret_access_key=secret.strip(), bucket_name=bucket_name,
                   region=aws["region"] if aws else None, path_style=bool(segments))
 
@@ -130,27 +141,27 @@ def _bucket(origin: str, url: str, key_id: str, secret: str, name: str | None) -
 def bucket_from_env(env: Mapping[str, str]) -> Bucket | None:
     """The worker's bucket from RunPod's ``BUCKET_*`` variables; None when none is set.
 
-    Raises ``ValueError`` naming the missing variables (never a value) when only some are set:
-    rp_upload would quietly write to a local path instead.
+    Raises ``StartupError`` naming the missing variables (never a value) when only some are
+    set: rp_upload would quietly write to a local path instead.
     """
-    values = {key: env.get(key, "").strip() for key in ENV_KEYS}
-    required = ENV_KEYS[:3]
+    values = {key: env.get(key, "").strip() for key in BUCKET_ENV}
+    required = BUCKET_ENV[:3]
     if not any(values.values()):
         return None
     missing = [key for key in required if not values[key]]
     if missing:
-        raise ValueError(f"bucket upload is half configured: {', '.join(missing)} "
-                         f"{'is' if len(missing) == 1 else 'are'} not set; set all of "
-                         f"{', '.join(required)} (and optionally BUCKET_NAME), or none")
+        raise StartupError(f"bucket upload is half configured: {', '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} not set; set all of "
+                           f"{', '.join(required)} (and optionally BUCKET_NAME), or none")
     return _bucket("BUCKET_ENDPOINT_URL", values["BUCKET_ENDPOINT_URL"],
                    values["BUCKET_ACCESS_KEY_ID"], values["BUCKET_SECRET_ACCESS_KEY"],
-                   values["BUCKET_NAME"] or None)
+                   values["BUCKET_NAME"] or None, StartupError)
 
 
 def bucket_from_s3_config(cfg: object) -> Bucket:
-    """A job's bucket from RunPod's ``s3Config``; ``ValueError`` names bad keys, not values."""
+    """A job's bucket from RunPod's ``s3Config``; ``InputError`` names bad keys, not values."""
     if not isinstance(cfg, Mapping):
-        raise ValueError(f"s3Config must be an object with {', '.join(S3_CONFIG_KEYS)}; "
+        raise InputError(f"s3Config must be an object with {', '.join(S3_CONFIG_KEYS)}; "
                          f"got {type(cfg).__name__}")
     missing = [k for k in S3_CONFIG_KEYS if cfg.get(k) is None or cfg.get(k) == ""]
     wrong = [f"{k} ({type(cfg[k]).__name__})" for k in S3_CONFIG_KEYS
@@ -160,10 +171,10 @@ def bucket_from_s3_config(cfg: object) -> Bucket:
     problems = [f"{label}: {', '.join(keys)}" for label, keys in
                 (("missing", missing), ("not strings", wrong), ("blank", blank)) if keys]
     if problems:
-        raise ValueError(f"s3Config is invalid ({'; '.join(problems)}); it needs "
+        raise InputError(f"s3Config is invalid ({'; '.join(problems)}); it needs "
                          f"{', '.join(S3_CONFIG_KEYS)}, all strings")
     return _bucket("s3Config.endpointUrl", cfg["endpointUrl"], cfg["accessId"],
-                   cfg["accessSecret"], cfg["bucketName"].strip())
+                   cfg["accessSecret"], cfg["bucketName"].strip(), InputError)
 
 
 def object_key(job_id: str, index: int, ext: str) -> str:

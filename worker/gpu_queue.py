@@ -1,4 +1,4 @@
-"""One GPU executor that batches compatible pending jobs; everything else stays off it.
+"""The GPU queue: one executor thread that batches compatible pending plans.
 
 Jobs are submitted from any thread or event loop and get a ``concurrent.futures.Future``. A
 single thread owns the GPU: it takes the oldest pending job, adds every other pending job with
@@ -7,7 +7,8 @@ the same ``Plan.shape_key`` (same mode, size, checkpoint, scheduler, guidance, s
 form by themselves under load, with no waiting window added to a lone job's latency.
 
 If a batch fails, each of its jobs is re-run alone, so one bad job fails by itself and the
-others complete. Pure threading; the generation function is injected, so tests use a fake.
+others complete. Pure threading, no torch: the generation function is injected
+(``pipeline.Engine.generate`` in the worker, fakes in tests).
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from resolve import Plan
+from worker.plan import Plan, StepCallback
 
 log = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, int], None]  # (steps done, steps in this run)
 BatchFn = Callable[[Sequence[Plan], StepCallback | None], list[list[Any]]]
 
 

@@ -1,8 +1,11 @@
-"""The model folder's layout: which files the worker loads, and where each comes from.
+"""Which model the worker serves (``ModelSpec``) and the model folder's layout.
 
-One place defines the folder that ``builder/download_weights.py`` fills with the real weights,
-that ``builder/make_tiny_model.py`` fills with a tiny random model, and that ``pipeline.py`` loads,
-so all three agree by construction. No torch or diffusers import here.
+A ``ModelSpec`` names the Lightning checkpoints to load and the optional components (safety
+checker, TAESDXL); ``spec.files()`` lists every file that takes and where each is fetched from,
+``spec.missing(folder)`` what a folder lacks. One object, passed whole, so the downloader
+(``builder.download_weights``), the tiny-model builder (``builder.make_tiny_model``), the folder
+search (``location``), the prefetch and ``pipeline.Engine.load`` agree by construction. No torch
+or diffusers import here.
 
 Layout of ``MODEL_DIR`` (it mirrors the Hugging Face repositories, so the files keep their names):
 
@@ -68,7 +71,56 @@ class RemoteFile:
     remote_path: str
 
 
-def base_files() -> list[RemoteFile]:
+@dataclass(frozen=True)
+class ModelSpec:
+    """What one worker loads: Lightning checkpoints by step count, and optional components."""
+
+    steps: tuple[int, ...] = (4,)
+    safety_checker: bool = False  # CompVis's checker, for SAFETY_CHECKER=true/always
+    tiny_decoder: bool = False  # TAESDXL decodes instead of the full VAE (VAE_DECODER=tiny)
+
+    def __post_init__(self) -> None:
+        steps = tuple(sorted(set(self.steps)))
+        if not steps or any(s not in CHECKPOINTS for s in steps):
+            raise ValueError(f"steps {self.steps!r}: a non-empty subset of {sorted(CHECKPOINTS)}")
+        object.__setattr__(self, "steps", steps)
+
+    def files(self) -> list[RemoteFile]:
+        """Every file this spec needs, in the order the loader reads them (encoders, VAE, UNet)."""
+        files = _base_files() + [_checkpoint_file(s) for s in self.steps]
+        if self.safety_checker:
+            files += [RemoteFile(f"safety_checker/{name}", SAFETY_REPO, SAFETY_REVISION, name)
+                      for name in ("config.json", SAFETY_WEIGHTS)]
+            files.append(RemoteFile("feature_extractor/preprocessor_config.json", SAFETY_REPO,
+                                    SAFETY_REVISION, "preprocessor_config.json"))
+        if self.tiny_decoder:
+            files += [RemoteFile(f"{TAESD_DIR}/{name}", TAESD_REPO, TAESD_REVISION, name)
+                      for name in ("config.json", VAE_WEIGHTS)]
+        return files
+
+    def missing(self, folder: Path) -> list[str]:
+        """Paths (relative to ``folder``) of this spec's files that are absent or empty."""
+        missing = []
+        for f in self.files():
+            path = folder / f.path
+            if not path.is_file() or path.stat().st_size == 0:
+                missing.append(f.path)
+        return missing
+
+    def describe(self) -> str:
+        """For logs: "checkpoints [2, 4] + safety checker + tiny decoder"."""
+        return f"checkpoints {list(self.steps)}" + (
+            " + safety checker" if self.safety_checker else "") + (
+            " + tiny decoder" if self.tiny_decoder else "")
+
+    def builder_args(self) -> list[str]:
+        """The builders' command-line arguments for this spec (``builder/__init__.py``)."""
+        return (["--steps", *map(str, self.steps)]
+                + (["--safety-checker"] if self.safety_checker else [])
+                + (["--tiny-decoder"] if self.tiny_decoder else []))
+
+
+def _base_files() -> list[RemoteFile]:
     """Files shared by every checkpoint: SDXL base (minus its UNet weights) and the fp16-fix VAE."""
     files = [RemoteFile("scheduler/scheduler_config.json", BASE_REPO, BASE_REVISION,
                         "scheduler/scheduler_config.json"),
@@ -84,40 +136,7 @@ def base_files() -> list[RemoteFile]:
     return files
 
 
-def checkpoint_file(steps: int) -> RemoteFile:
+def _checkpoint_file(steps: int) -> RemoteFile:
     """The Lightning UNet checkpoint for ``steps`` denoising steps."""
     name = CHECKPOINTS[steps]
     return RemoteFile(name, LIGHTNING_REPO, LIGHTNING_REVISION, name)
-
-
-def safety_files() -> list[RemoteFile]:
-    """The safety checker and its image preprocessing (only when the setting enables it)."""
-    return [RemoteFile(f"safety_checker/{name}", SAFETY_REPO, SAFETY_REVISION, name)
-            for name in ("config.json", SAFETY_WEIGHTS)] + [
-        RemoteFile("feature_extractor/preprocessor_config.json", SAFETY_REPO, SAFETY_REVISION,
-                   "preprocessor_config.json")]
-
-
-def tiny_decoder_files() -> list[RemoteFile]:
-    """TAESDXL (only when the setting chooses the tiny decoder)."""
-    return [RemoteFile(f"{TAESD_DIR}/{name}", TAESD_REPO, TAESD_REVISION, name)
-            for name in ("config.json", VAE_WEIGHTS)]
-
-
-def required_files(steps: tuple[int, ...], safety: bool = False,
-                   tiny_decoder: bool = False) -> list[RemoteFile]:
-    """Every file the worker needs to serve the given step checkpoints and options."""
-    return (base_files() + [checkpoint_file(s) for s in steps]
-            + (safety_files() if safety else [])
-            + (tiny_decoder_files() if tiny_decoder else []))
-
-
-def missing_files(model_dir: Path, steps: tuple[int, ...], safety: bool = False,
-                  tiny_decoder: bool = False) -> list[str]:
-    """Paths (relative to ``model_dir``) of required files that are absent or empty."""
-    missing = []
-    for f in required_files(steps, safety, tiny_decoder):
-        p = model_dir / f.path
-        if not p.is_file() or p.stat().st_size == 0:
-            missing.append(f.path)
-    return missing

@@ -1,0 +1,175 @@
+"""The worker's settings: every environment variable it reads, parsed once at start.
+
+``Settings.ENV`` is the one list of variable names (``.runpod/hub.json`` lists exactly these, a
+test holds them equal; the README's settings table lists them and runpod's RUNPOD_LOG_LEVEL).
+Precedence: a variable that is set and non-empty wins; otherwise the field's default. A bad
+value raises ``StartupError`` naming the variable, its value and what is allowed: the worker
+stops before taking a job. Pure: pydantic and the model spec only, no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from schemas import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
+from worker.errors import StartupError
+from worker.spec import CHECKPOINTS, ModelSpec
+
+log = logging.getLogger(__name__)
+
+# Jobs one worker holds at once. 2 keeps the GPU busy while the previous job is decoded,
+# encoded and sent, at about twice a lone job's latency; on the CPU (bench/RESULTS.md,
+# "Throughput") 4 and 8 only queued longer. Whether larger GPU batches are cheaper per image
+# at 1024² needs `python -m bench.throughput --device cuda`: raise it where they are.
+DEFAULT_CONCURRENCY = 2
+# RunPod's bucket convention (rp_upload): the worker's own upload target, read by outputs/upload.
+BUCKET_ENV = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY",
+              "BUCKET_NAME")
+# Variables that were renamed, old -> new: an endpoint still setting the old name keeps its
+# value (with a warning in the log) rather than silently running with the default.
+RENAMED = {"COMPILE_BUCKETS": "COMPILE_SIZES"}
+
+
+def _parse_steps(name: str, text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(sorted({int(part) for part in text.replace(" ", "").split(",") if part}))
+    except ValueError:
+        steps = ()
+    if not steps or any(s not in CHECKPOINTS for s in steps):
+        raise StartupError(f"{name}={text!r} is invalid: a comma-separated subset of "
+                           f"{sorted(CHECKPOINTS)}")
+    return steps
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise StartupError(f"{name}={text!r} is invalid: use true or false")
+
+
+def _parse_safety(name: str, text: str) -> str:
+    if text.strip().lower() == "always":
+        return "always"
+    try:
+        return "on" if _parse_bool(name, text) else "off"
+    except StartupError:
+        raise StartupError(f"{name}={text!r} is invalid: use false, true or always") from None
+
+
+def _parse_sizes(name: str, text: str) -> tuple[tuple[int, int], ...]:
+    """``1024x1024,832x1216``: sizes the worker can serve, multiples of 8 within the range."""
+    sizes = []
+    for part in filter(None, text.replace(" ", "").lower().split(",")):
+        try:
+            width, height = (int(side) for side in part.split("x"))
+        except ValueError:
+            width = height = 0
+        if not all(MIN_SIDE <= side <= MAX_SIDE and side % SIDE_MULTIPLE == 0
+                   for side in (width, height)):
+            raise StartupError(f"{name}={text!r} is invalid: WIDTHxHEIGHT pairs, comma-"
+                               f"separated, multiples of {SIDE_MULTIPLE} from {MIN_SIDE} to "
+                               f"{MAX_SIDE}")
+        sizes.append((width, height))
+    if not sizes:
+        raise StartupError(f"{name}={text!r} is invalid: name at least one WIDTHxHEIGHT")
+    return tuple(dict.fromkeys(sizes))
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise StartupError(f"{name}={text!r} is invalid: one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _int_range(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(name: str, text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise StartupError(f"{name}={text!r} is invalid: an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _path(name: str, text: str) -> Path:
+    return Path(text).expanduser()
+
+
+class Settings(BaseModel):
+    """Worker settings, read once at start from environment variables."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_dir: Path | None = None  # None: search the locations in worker/location.py
+    lightning_steps: tuple[int, ...] = (4,)
+    warmup: bool = True
+    download_missing: bool = True
+    max_concurrency: int = DEFAULT_CONCURRENCY
+    max_batch_images: int = 8  # images per GPU batch: bounds activation memory on 24 GB cards
+    safety_mode: Literal["off", "on", "always"] = "off"  # on: callers may disable it per job
+    # RunPod drops results over 10 MB on /run (20 MB on /runsync): refuse clearly instead.
+    max_response_mb: float = 10.0
+    vae_decoder: Literal["full", "tiny"] = "full"  # tiny: TAESDXL, for previews and speed
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # the image sets cuda: no GPU, no jobs
+    compile: bool = False  # torch.compile the UNet; see worker/engine/compiler.py for the cost
+    compile_sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)
+    compile_cache_dir: Path | None = None
+    bucket_env: Mapping[str, str] = {}  # the BUCKET_* variables that are set (outputs/upload)
+
+    # Environment variable -> field. The README and hub.json list exactly these.
+    ENV: ClassVar[Mapping[str, str]] = {
+        "MODEL_DIR": "model_dir", "LIGHTNING_STEPS": "lightning_steps", "WARMUP": "warmup",
+        "DOWNLOAD_MISSING_WEIGHTS": "download_missing", "MAX_CONCURRENCY": "max_concurrency",
+        "MAX_BATCH_IMAGES": "max_batch_images", "SAFETY_CHECKER": "safety_mode",
+        "MAX_RESPONSE_MB": "max_response_mb", "VAE_DECODER": "vae_decoder",
+        "COMPILE": "compile", "COMPILE_SIZES": "compile_sizes",
+        "COMPILE_CACHE_DIR": "compile_cache_dir", "DEVICE": "device",
+        **{name: "bucket_env" for name in BUCKET_ENV}}
+    _PARSE: ClassVar[Mapping[str, Callable[[str, str], Any]]] = {
+        "model_dir": _path, "lightning_steps": _parse_steps, "warmup": _parse_bool,
+        "download_missing": _parse_bool, "safety_mode": _parse_safety,
+        "max_concurrency": _int_range(1, 64), "max_batch_images": _int_range(1, 64),
+        "max_response_mb": lambda name, text: float(_int_range(1, 1024)(name, text)),
+        "vae_decoder": _choice("full", "tiny"), "device": _choice("auto", "cuda", "cpu"),
+        "compile": _parse_bool, "compile_sizes": _parse_sizes, "compile_cache_dir": _path,
+    }
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        """The checkpoints and optional components these settings make the worker load."""
+        return ModelSpec(steps=self.lightning_steps, safety_checker=self.safety_mode != "off",
+                         tiny_decoder=self.vae_decoder == "tiny")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        """Build settings from ``env``; raises ``StartupError`` naming a bad variable."""
+        env = dict(env)
+        for old, new in RENAMED.items():
+            if not env.get(old):
+                continue
+            if env.get(new) and env[new] != env[old]:
+                raise StartupError(f"{old} and {new} are both set, to different values: {old} "
+                                   f"is the old name of {new}; set only {new}")
+            log.warning("%s is deprecated: it was renamed %s (read as %s)", old, new, new)
+            env[new] = env[old]
+        values: dict[str, Any] = {"bucket_env": {n: env[n] for n in BUCKET_ENV if env.get(n)}}
+        for name, key in cls.ENV.items():
+            if env.get(name) and key in cls._PARSE:
+                values[key] = cls._PARSE[key](name, env[name])
+        return cls(**values)
