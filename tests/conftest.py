@@ -1,69 +1,75 @@
-"""Test session setup: a tiny SDXL model, built once, before the worker module is imported.
+"""Test session setup for every kind of test: ``tests/unit``, ``tests/integration``, ``tests/e2e``.
 
-``handler`` loads its model at import, as on RunPod; so this file builds the tiny model with
-``builder/make_tiny_model.py`` and points ``MODEL_DIR`` at it while pytest configures itself,
-before any test module (and so ``handler``) is imported. Nothing here reads the network.
+- ``tiny_model_dir``: the tiny SDXL model, built once per session by ``builder.make_tiny_model``
+  on first request (not at configure time), with ``MODEL_DIR`` pointed at it for the session.
+  Unit tests never ask for it, so they never build it and never import torch.
+- ``handler``: the worker module, ``handler.py``, imported on that model: it loads and warms up
+  at import, exactly as on RunPod.
+- Tests marked ``gpu`` are skipped without CUDA (torch is imported only if there are some).
+- The log audit: every record at the worker's level (INFO and up) during the whole session is
+  kept and scanned at the end; one carrying a test prompt, image data or a secret fails the run.
+
+Nothing here reads the network.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
-import shutil
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from worker.spec import ModelSpec
 
-_TMP = Path(tempfile.mkdtemp(prefix="sdxl-tests-"))
-TINY_MODEL = _TMP / "tiny-model"
+# Every component, so any setting can run on it; one checkpoint keeps the session fast.
+TINY_SPEC = ModelSpec(steps=(4,), safety_checker=True, tiny_decoder=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from builder import make_tiny_model
-
-    make_tiny_model.build(TINY_MODEL, steps=(4,))
-    os.environ["MODEL_DIR"] = str(TINY_MODEL)
-    os.environ.pop("LIGHTNING_STEPS", None)
+    os.environ.pop("LIGHTNING_STEPS", None)  # a developer's shell must not change the tests
     os.environ["DOWNLOAD_MISSING_WEIGHTS"] = "false"  # a test must never reach for the hub
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(_TMP, ignore_errors=True)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
     import torch
 
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    for item in gpu_items:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir() -> Path:
-    return TINY_MODEL
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tiny model folder (``TINY_SPEC``); ``MODEL_DIR`` points at it for the session, so
+    the worker started in-process or as a subprocess loads it."""
+    from builder import make_tiny_model
+
+    folder = make_tiny_model.build(tmp_path_factory.mktemp("tiny") / "model", TINY_SPEC)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MODEL_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
-def scratch_dir() -> Path:
-    path = _TMP / "scratch"
-    path.mkdir(exist_ok=True)
-    return path
+def handler(tiny_model_dir: Path) -> ModuleType:
+    """``handler``, started on the tiny model (settings, load, warm-up, GPU queue)."""
+    module = importlib.import_module("handler")
+    _keep_records()  # its start-up reconfigured the root logger (basicConfig(force=True))
+    return module
 
 
 # Logs must never carry prompts, image data or credentials (issue: reliability and security).
-# Every record at the worker's default level (INFO and up) during the whole session is kept and
-# scanned at the end; a hit fails the run. Prompts: the ones these tests send; image data: the
-# base64 openings of PNG, JPEG and WebP files; credentials: the literal secrets tests use.
+# Prompts: the ones these tests send; image data: the base64 openings of PNG, JPEG and WebP
+# files; credentials: the literal secrets tests use.
 LEAK_MARKERS = ("a red fox", "a lighthouse on a cliff", "a cat sitting", "the sea",
                 "iVBORw0KGgo", "data:image/", "/9j/4", "UklGR",
                 "wrong-secret-value", "accessSecret\": \"")
@@ -78,16 +84,22 @@ class _Keep(logging.Handler):
             pass
 
 
+_KEEPER = _Keep(level=logging.INFO)
+_KEEPER.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+
+def _keep_records() -> None:
+    root = logging.getLogger()
+    if _KEEPER not in root.handlers:
+        root.addHandler(_KEEPER)
+    root.setLevel(min(root.level or logging.WARNING, logging.INFO))  # the worker's level
+
+
 @pytest.fixture(scope="session", autouse=True)
 def keep_logs() -> Iterator[None]:
-    """Installed after collection: handler.py's start-up reconfigures the root logger."""
-    keeper = _Keep(level=logging.INFO)
-    keeper.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(keeper)
-    root.setLevel(min(root.level or logging.WARNING, logging.INFO))  # the worker's level
+    _keep_records()
     yield
-    root.removeHandler(keeper)
+    logging.getLogger().removeHandler(_KEEPER)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -1,48 +1,29 @@
-"""examples/client.py: against the worker's real local API server, and a RunPod-like stand-in.
+"""examples/client.py against a small stand-in for RunPod's cloud API on 127.0.0.1.
 
-The local server (``python handler.py --rp_serve_api``, serving the tiny model that conftest
-builds) checks the whole path: submit, POST-only ``/status``, decode, save. A small stand-in for
-RunPod's cloud API on 127.0.0.1 checks what the local server cannot show: ``GET /status``,
-``IN_QUEUE``/``IN_PROGRESS`` with progress in ``output``, the API key, failures and the deadline.
+It checks what the worker's local server cannot show: ``GET /status``, ``IN_QUEUE`` /
+``IN_PROGRESS`` with progress in ``output``, the API key, failures and the deadline; plus saving
+images and reading input. The whole path against the worker's own local API server is
+tests/integration/test_example_client_local.py.
 """
 
 from __future__ import annotations
 
 import base64
 import http.server
-import importlib.util
 import io
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-import requests
-from loopback import serving
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-SERVER_START_TIMEOUT_S = 240  # imports torch and loads the tiny model: ~10-20 s, slower if busy
-
-
-def _load_client() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("example_client", ROOT / "examples" / "client.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-client = _load_client()
+from tests.support.example_client import client, saved
+from tests.support.loopback import serving
 
 
 def png(width: int = 8, height: int = 8, fmt: str = "PNG") -> bytes:
@@ -53,12 +34,6 @@ def png(width: int = 8, height: int = 8, fmt: str = "PNG") -> bytes:
 
 def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---- a stand-in for RunPod's cloud API ------------------------------------------------------
@@ -113,87 +88,6 @@ def fake_api() -> Iterator[FakeApi]:
 
     with serving(Handler) as api.url:
         yield api
-
-
-# ---- the worker's own local API server ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``python handler.py --rp_serve_api`` on a free port, with conftest's MODEL_DIR."""
-    assert os.environ.get("MODEL_DIR"), "conftest points MODEL_DIR at the tiny model"
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_WEBHOOK")}
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-             "--rp_api_port", str(port)],
-            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited ({proc.returncode}):\n"
-                            f"{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/openapi.json", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no answer in {SERVER_START_TIMEOUT_S} s:\n"
-                            f"{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
-
-
-def saved(out: Path) -> list[Path]:
-    return sorted(out.iterdir()) if out.exists() else []
-
-
-class TestAgainstTheLocalServer:
-    def test_run_then_status_saves_a_png_of_the_requested_size(
-            self, local_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        job = {"prompt": "a lighthouse at dusk", "width": 512, "height": 640, "seed": 3}
-        code = client.main(["--base-url", local_server, "--input", json.dumps(job),
-                            "--out", str(tmp_path), "--poll-interval", "0.1", "--timeout", "300"])
-        assert code == 0, capsys.readouterr().err
-        [path] = saved(tmp_path)
-        assert path.suffix == ".png" and "seed3" in path.name
-        assert str(path) in capsys.readouterr().out
-        with Image.open(path) as image:
-            assert image.format == "PNG"
-            assert image.size == (512, 640)
-
-    def test_sync_saves_every_image_of_a_batch(self, local_server: str, tmp_path: Path) -> None:
-        code = client.main(["--base-url", local_server, "--prompt", "a red fox", "--input",
-                            '{"num_images": 2, "width": 512, "height": 512, "seed": 10}',
-                            "--sync", "--out", str(tmp_path), "--timeout", "300"])
-        assert code == 0
-        paths = saved(tmp_path)
-        assert [p.name.split("-seed")[1] for p in paths] == ["10.png", "11.png"]
-        for path in paths:
-            with Image.open(path) as image:
-                assert image.size == (512, 512)
-
-    def test_a_rejected_input_exits_1_with_the_workers_message(
-            self, local_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        code = client.main(["--base-url", local_server, "--input",
-                            '{"prompt": "p", "num_images": 9}', "--out", str(tmp_path),
-                            "--timeout", "300", "--poll-interval", "0.1"])
-        assert code == 1
-        err = capsys.readouterr().err
-        assert "FAILED" in err and "num_images" in err
-        assert saved(tmp_path) == []
 
 
 class TestAgainstTheRunPodApi:

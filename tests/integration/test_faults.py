@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-import handler
-import pipeline
-from resolve import Plan
+from pipeline import Engine
+from tests.integration.conftest import Run
+from worker.plan import Plan
+from worker.spec import ModelSpec
 
 
-def run(**fields: Any) -> dict[str, Any]:
-    job = {"id": "fault", "input": {"prompt": "p", "width": 512, "height": 512, "seed": 1,
-                                    **fields}}
-    return asyncio.run(handler.handler(job))
+@pytest.fixture(scope="module")
+def run(job_runner: Callable[..., Run]) -> Run:
+    return job_runner("fault", prompt="p", width=512, height=512, seed=1)
 
 
 def plan(seeds: tuple[int, ...] = (1,)) -> Plan:
@@ -28,30 +30,30 @@ def plan(seeds: tuple[int, ...] = (1,)) -> Plan:
 
 class TestResponseSize:
     def test_hopeless_png_batch_is_refused_before_the_gpu(
-            self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(pipeline, "generate_batch",
+            self, run: Run, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(handler.ENGINE, "run_batch",
                             lambda *a, **k: pytest.fail("the GPU ran a job that cannot fit"))
         error = run(width=1536, height=1536, num_images=4)["error"]
         assert error.startswith("the response would be at least 18.9 MB, over the 10 MB")
         assert "output_format jpeg or webp" in error and "bucket" in error
 
     def test_response_over_the_limit_after_encoding_is_refused(
-            self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(handler, "SETTINGS",
-                            handler.SETTINGS.model_copy(update={"max_response_mb": 1.0}))
+            self, run: Run, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(handler.DELIVERY, "max_response_mb", 1.0)
         error = run(num_images=2)["error"]  # 2 x 512² noise PNGs: ~2 MB of base64
         assert error.startswith("the response would be ") and "over the 1 MB" in error
 
-    def test_jpeg_fits_where_png_does_not(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(handler, "SETTINGS",
-                            handler.SETTINGS.model_copy(update={"max_response_mb": 1.0}))
+    def test_jpeg_fits_where_png_does_not(
+            self, run: Run, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(handler.DELIVERY, "max_response_mb", 1.0)
         assert len(run(num_images=2, output_format="jpeg")["images"]) == 2
 
 
 class TestBadOutput:
     def test_nan_from_a_half_precision_vae_is_decoded_again_in_fp32(
             self, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        model = pipeline.load(tiny_model_dir, (4,), torch.device("cpu"), torch.float16)
+        model = Engine.load(ModelSpec(steps=(4,)), tiny_model_dir, torch.device("cpu"),
+                            torch.float16)
         vae = model.pipes[4].vae
         original = type(vae).decode
 
@@ -62,21 +64,22 @@ class TestBadOutput:
             return out
 
         monkeypatch.setattr(type(vae), "decode", nan_in_half)
-        image = np.asarray(pipeline.generate(model, plan())[0])
+        image = np.asarray(model.generate([plan()])[0][0])
         assert image.shape == (512, 512, 3) and image.max() > 0
         assert vae.dtype == torch.float16  # restored after the fp32 decode
 
     def test_views_keep_the_shared_modules_in_half_precision(self,
                                                              tiny_model_dir: Path) -> None:
-        model = pipeline.load(tiny_model_dir, (4,), torch.device("cpu"), torch.float16)
+        model = Engine.load(ModelSpec(steps=(4,)), tiny_model_dir, torch.device("cpu"),
+                            torch.float16)
         for mode in ("txt2img", "img2img", "inpaint"):
-            pipeline.view(model, 4, mode, "DDIM")
+            model.view(4, mode, "DDIM")
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             assert getattr(model.pipes[4], name).dtype == torch.float16, name
 
     def test_nan_that_full_precision_cannot_fix_fails_the_job_only(
-            self, monkeypatch: pytest.MonkeyPatch) -> None:
-        vae_cls = type(handler.MODEL.pipes[4].vae)
+            self, run: Run, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+        vae_cls = type(handler.ENGINE.vae)
         original = vae_cls.decode
         monkeypatch.setattr(vae_cls, "decode", lambda self, latents, **kw: (
             torch.full_like(original(self, latents, **kw)[0], float("nan")),))
@@ -84,8 +87,9 @@ class TestBadOutput:
         monkeypatch.undo()
         assert "images" in run()
 
-    def test_all_black_output_is_not_a_success(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        vae_cls = type(handler.MODEL.pipes[4].vae)
+    def test_all_black_output_is_not_a_success(
+            self, run: Run, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+        vae_cls = type(handler.ENGINE.vae)
         original = vae_cls.decode
         monkeypatch.setattr(vae_cls, "decode", lambda self, latents, **kw: (
             torch.full_like(original(self, latents, **kw)[0], -1.0),))
@@ -94,29 +98,29 @@ class TestBadOutput:
 
 class TestOutOfMemory:
     def test_multi_image_job_is_retried_one_image_at_a_time(
-            self, monkeypatch: pytest.MonkeyPatch) -> None:
-        original = pipeline.generate_batch
+            self, run: Run, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+        original = handler.ENGINE.run_batch
         sizes: list[int] = []
 
-        def small_gpu(model: Any, plans: Any, on_step: Any = None) -> Any:
+        def small_gpu(plans: Any, on_step: Any = None) -> Any:
             sizes.append(sum(len(p.seeds) for p in plans))
             if sizes[-1] > 1:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-            return original(model, plans, on_step)
+            return original(plans, on_step)
 
         expected = run(num_images=1, seed=7)["images"][0]["image"]
-        monkeypatch.setattr(pipeline, "generate_batch", small_gpu)
+        monkeypatch.setattr(handler.ENGINE, "run_batch", small_gpu)
         response = run(num_images=3, seed=7)
         assert [item["seed"] for item in response["images"]] == [7, 8, 9]
         assert sizes == [3, 1, 1, 1]
         assert response["images"][0]["image"] == expected
 
     def test_single_image_out_of_memory_is_a_clear_error(
-            self, monkeypatch: pytest.MonkeyPatch) -> None:
+            self, run: Run, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
         def oom(*args: Any, **kwargs: Any) -> Any:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-        monkeypatch.setattr(pipeline, "generate_batch", oom)
+        monkeypatch.setattr(handler.ENGINE, "run_batch", oom)
         monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
         response = run()
         assert response == {"error": "out of GPU memory generating 1 image(s) at 512x512: try "
@@ -126,33 +130,8 @@ class TestOutOfMemory:
 
 
 class TestCancellation:
-    def test_cancelled_job_that_has_not_started_never_runs(self) -> None:
-        import threading
-
-        from batching import GpuWorker
-
-        ran: list[tuple[int, ...]] = []
-        gate = threading.Event()
-        entered = threading.Event()
-
-        def run_batch(plans: Any, on_step: Any) -> list[list[str]]:
-            entered.set()
-            gate.wait(30)
-            ran.extend(p.seeds for p in plans)
-            return [["x"] * len(p.seeds) for p in plans]
-
-        worker = GpuWorker(run_batch)
-        first = worker.submit(plan((1,)))
-        assert entered.wait(30)
-        second = worker.submit(plan((2,)))
-        assert second.cancel()  # what asyncio does when RunPod cancels or times out the job
-        gate.set()
-        first.result(30)
-        worker.submit(plan((3,))).result(30)
-        assert ran == [(1,), (3,)]
-        worker.close(30)
-
-    def test_cancelling_the_handler_task_cancels_its_queued_work(self) -> None:
+    def test_cancelling_the_handler_task_cancels_its_queued_work(
+            self, run: Run, handler: ModuleType) -> None:
         async def scenario() -> bool:
             task = asyncio.create_task(handler.handler(
                 {"id": "c", "input": {"prompt": "p", "width": 512, "height": 512}}))

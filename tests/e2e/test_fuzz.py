@@ -1,12 +1,14 @@
 """Fuzzing: malformed and hostile jobs through runpod's own job runner never break the worker.
 
-Every example runs ``rp_job.run_job(handler.handler, job)``, which returns exactly the dict the
+Every example runs ``rp_job.run_job(handler.handler, job)`` on the worker started by the
+``handler`` fixture, which returns exactly the dict the
 SDK posts to RunPod. The property: that dict is either ``{"output": <well-formed images>}`` or
 ``{"error": <one short string>}``; never a list or object error, never runpod's JSON-wrapped
-traceback (a handler that raised), never ``stopPod`` (an internal error), and always something
-the SDK can post (JSON text that encodes to UTF-8). After the fuzz, a real job is served.
+traceback (a handler that raised), never an internal error (with or without ``stopPod``), and
+always something the SDK can post (JSON text that encodes to UTF-8). After the fuzz, a real job
+is served.
 
-Speed and isolation (``fast_and_offline``): ``pipeline.generate_batch`` is replaced by a fake
+Speed and isolation (``fast_and_offline``): the engine's ``run_batch`` is replaced by a fake
 that checks the plan's invariants and returns mid-grey images of the plan's size, so inputs that
 pass validation cost milliseconds instead of a tiny-model generation; URL image inputs are
 parsed and checked for real but resolve to a public address whose connection is refused (no
@@ -25,7 +27,8 @@ import json
 import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -36,11 +39,10 @@ from PIL import Image
 from runpod.serverless.modules import rp_job
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
-import handler
-import image_inputs
 import pipeline
 import schemas
-import upload
+import worker.inputs.images
+from worker.outputs import upload
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -60,7 +62,8 @@ MAX_ERROR_CHARS = 8_000
 
 # --- the fakes -------------------------------------------------------------------------------
 
-def fake_generate_batch(model: pipeline.Model, plans: Any, on_step: Any = None) -> list[list[Any]]:
+def fake_run_batch(plans: Any, on_step: Any = None, steps: tuple[int, ...] = (4,)
+                   ) -> list[list[Any]]:
     """Check what reaches the GPU, then answer instantly with grey images of the plan's size."""
     first = plans[0]
     for plan in plans:
@@ -70,7 +73,7 @@ def fake_generate_batch(model: pipeline.Model, plans: Any, on_step: Any = None) 
         assert plan.prompt.strip() and len(plan.prompt) <= schemas.MAX_PROMPT_CHARS
         assert 1 <= len(plan.seeds) <= schemas.MAX_IMAGES
         assert all(0 <= seed < SEED_LIMIT for seed in plan.seeds)
-        assert plan.steps in model.steps and plan.scheduler in pipeline.SCHEDULERS
+        assert plan.steps in steps and plan.scheduler in pipeline.SCHEDULERS
         assert 0 <= plan.guidance_scale <= schemas.MAX_GUIDANCE
         if plan.mode == "txt2img":
             assert plan.init_image is None and plan.mask_image is None and plan.strength is None
@@ -98,8 +101,8 @@ def refused(address: str, port: int, timeout: float) -> Any:
 
 
 @pytest.fixture(scope="class")
-def fast_and_offline() -> Iterator[None]:
-    real_fetch = image_inputs.fetch
+def fast_and_offline(handler: ModuleType) -> Iterator[None]:
+    real_fetch = worker.inputs.images.fetch
 
     def offline_fetch(url: str, limits: Any, **kwargs: Any) -> bytes:
         return real_fetch(url, limits, label=kwargs.get("label", "url"),
@@ -108,16 +111,21 @@ def fast_and_offline() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         # runpod's DEBUG level would print every output, base64 images included.
         patch.setattr(RunPodLogger(), "level", "ERROR")
-        patch.setattr(pipeline, "generate_batch", fake_generate_batch)
-        patch.setattr(image_inputs, "fetch", offline_fetch)
-        patch.setattr(handler, "UPLOADER", StubUploader())
+        patch.setattr(handler.ENGINE, "run_batch", fake_run_batch)
+        patch.setattr(worker.inputs.images, "fetch", offline_fetch)
+        patch.setattr(handler.DELIVERY, "uploader", StubUploader())
         yield
 
 
 # --- the property ----------------------------------------------------------------------------
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    return asyncio.run(rp_job.run_job(handler.handler, job))
+RunJob = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def run_job(handler: ModuleType) -> RunJob:
+    """What the SDK posts to RunPod for ``job`` (module scope: hypothesis reuses it)."""
+    return lambda job: asyncio.run(rp_job.run_job(handler.handler, job))
 
 
 def check(job: dict[str, Any], result: Any) -> None:
@@ -133,6 +141,8 @@ def check(job: dict[str, Any], result: Any) -> None:
         assert isinstance(error, str) and error.strip(), result
         assert "Traceback" not in error and not error.lstrip().startswith("{"), error[:500]
         assert len(error) <= MAX_ERROR_CHARS, f"{len(error)}-char error: {error[:300]}"
+        # Whatever the caller sent is a rejection with a reason, never a bug of the worker's.
+        assert not error.startswith("internal error"), f"internal error on caller input: {error}"
         return
     assert set(result) == {"output"}, result
     check_output(job, result["output"])
@@ -393,14 +403,14 @@ class TestFuzz:
     @pytest.mark.slow
     @examples(1500)
     @given(job_input=wild_inputs(), job_id=JOB_IDS)
-    def test_wild_inputs(self, job_input: Any, job_id: str) -> None:
+    def test_wild_inputs(self, run_job: RunJob, job_input: Any, job_id: str) -> None:
         job = fuzz_job(job_input, job_id)
         check(job, run_job(job))
 
     @pytest.mark.slow
     @examples(1500)
     @given(job_input=near_valid_inputs())
-    def test_near_valid_inputs(self, job_input: dict[str, Any]) -> None:
+    def test_near_valid_inputs(self, run_job: RunJob, job_input: dict[str, Any]) -> None:
         job = fuzz_job(job_input)
         check(job, run_job(job))
 
@@ -412,7 +422,9 @@ class TestFuzz:
     # Found by this test (see TestKnownHostileInputs): kept so every run tries it.
     @example(image=base64.b64encode(VALID_IMAGES[0]).decode(), mask=None,
              extra={"width": "9" * 400})
-    def test_image_and_mask_inputs(self, image: Any, mask: Any, extra: dict[str, Any]) -> None:
+    @example(image="https://exa mple.com/", mask=None, extra={})  # was an internal InvalidURL
+    def test_image_and_mask_inputs(
+            self, run_job: RunJob, image: Any, mask: Any, extra: dict[str, Any]) -> None:
         job_input = {"prompt": "a fox", "seed": 3, "image": image, **extra}
         if mask is not None:
             job_input["mask"] = mask
@@ -421,13 +433,14 @@ class TestFuzz:
 
     @examples(400)
     @given(s3_config=S3_CONFIGS, job_input=st.one_of(st.just(VALID), near_valid_inputs()))
-    def test_job_level_s3_config(self, s3_config: Any, job_input: Any) -> None:
+    def test_job_level_s3_config(self, run_job: RunJob, s3_config: Any, job_input: Any) -> None:
         job = fuzz_job(job_input, s3_config=s3_config)
         check(job, run_job(job))
 
     @examples(150)
     @given(key=st.one_of(TEXT, HUGE_TEXT), count=st.integers(1, 2000))
-    def test_unknown_fields_give_a_short_postable_error(self, key: str, count: int) -> None:
+    def test_unknown_fields_give_a_short_postable_error(
+            self, run_job: RunJob, key: str, count: int) -> None:
         """Unknown keys of any length or number: the error names them without echoing it all."""
         job_input = {"prompt": "a fox", key: 1, **{f"extra_{i}": i for i in range(count - 1)}}
         job = fuzz_job(job_input)
@@ -448,7 +461,8 @@ class TestKnownHostileInputs:
         (png_header(4000, 4000, 2, 8, b""), "image: not a decodable image (PNG: image file is "
                                             "truncated (0 bytes not processed))"),
     ])
-    def test_bomb_headers_are_refused_from_the_header(self, data: bytes, expected: str) -> None:
+    def test_bomb_headers_are_refused_from_the_header(
+            self, run_job: RunJob, data: bytes, expected: str) -> None:
         result = run_job(fuzz_job({**VALID, "image": base64.b64encode(data).decode()}))
         assert result == {"error": expected}
 
@@ -459,19 +473,20 @@ class TestKnownHostileInputs:
         ({**VALID, "image": "\ud800"}, "image: not valid base64 (unexpected '\\ud800'"),
     ])
     def test_lone_surrogates_are_rejected_with_an_escaped_message(
-            self, job_input: dict[str, Any], expected: str) -> None:
+            self, run_job: RunJob, job_input: dict[str, Any], expected: str) -> None:
         job = fuzz_job(job_input)
         result = run_job(job)
         check(job, result)  # postable: the surrogate is escaped, not echoed
         assert result["error"].startswith(expected), result
 
-    def test_conflicting_aliases_name_both_fields(self) -> None:
+    def test_conflicting_aliases_name_both_fields(self, run_job: RunJob) -> None:
         result = run_job(fuzz_job({**VALID, "steps": 4, "num_inference_steps": 8}))
         assert result == {"error": "invalid input: steps and num_inference_steps name the same "
                                    "field (num_inference_steps) with different values: 4, 8"}
 
     @pytest.mark.parametrize("side", ["width", "height"])
-    def test_a_huge_side_beside_an_init_image_is_not_a_crash(self, side: str) -> None:
+    def test_a_huge_side_beside_an_init_image_is_not_a_crash(
+            self, run_job: RunJob, side: str) -> None:
         """Found by the fuzz: resolve.sizes_from_image divides as floats, so a side over ~1e308
         raises OverflowError, which the handler does not catch (it catches ValueError): runpod
         returns its JSON traceback. Like any other too-large side it should be clamped."""
@@ -484,7 +499,8 @@ class TestKnownHostileInputs:
         {"prompt": "a fox", "x" * 50_000: 1},
         {"prompt": "a fox", **{f"field_{i}": i for i in range(200)}},
     ], ids=["one 50k-character key", "200 unknown keys"])
-    def test_unknown_fields_are_named_briefly(self, job_input: dict[str, Any]) -> None:
+    def test_unknown_fields_are_named_briefly(
+            self, run_job: RunJob, job_input: dict[str, Any]) -> None:
         """Found by the fuzz: each unknown key is echoed whole, each with the full list of
         allowed fields, so the error grows without bound with the input (a 10 MB job of keys
         makes a ~20 MB error, over RunPod's result limit)."""
@@ -493,15 +509,17 @@ class TestKnownHostileInputs:
         check(job, result)
         assert result["error"].startswith("invalid input: unknown field")
 
-    @pytest.mark.parametrize("endpoint", ["http://[::1", "http://127.0.0.1:99999/bucket"])
+    @pytest.mark.parametrize("endpoint", ["http://[::1", "http://127.0.0.1:99999/bucket",
+                                          "https://my_host.example.com/bucket"])
     def test_unparsable_s3_endpoint_is_refused_up_front_naming_the_setting(
-            self, endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+            self, run_job: RunJob, handler: ModuleType, endpoint: str,
+            monkeypatch: pytest.MonkeyPatch) -> None:
         """A bad s3Config.endpointUrl is the caller's input: refuse it before the GPU runs."""
         def no_gpu(*args: Any, **kwargs: Any) -> Any:
             # An Exception, not pytest.fail (a BaseException would end the GPU thread).
             raise AssertionError("the GPU ran a job with a bad s3Config")
 
-        monkeypatch.setattr(pipeline, "generate_batch", no_gpu)
+        monkeypatch.setattr(handler.ENGINE, "run_batch", no_gpu)
         result = run_job(fuzz_job(VALID, s3_config={
             "accessId": "id", "accessSecret": "secret", "bucketName": "bucket",
             "endpointUrl": endpoint}))
@@ -509,7 +527,7 @@ class TestKnownHostileInputs:
         assert set(result) == {"error"}
 
 
-def test_the_worker_serves_a_real_job_after_the_fuzz() -> None:
+def test_the_worker_serves_a_real_job_after_the_fuzz(run_job: RunJob, handler: ModuleType) -> None:
     """Runs after the fuzz (file order), on the real tiny-model pipeline."""
     job = fuzz_job({"prompt": "a fox after the storm", "width": 512, "height": 512, "seed": 11})
     result = run_job(job)

@@ -1,129 +1,54 @@
 """builder/download_weights.py against a stand-in Hugging Face hub on 127.0.0.1.
 
-The stand-in serves a tiny model's files at ``/{repo}/resolve/{revision}/{remote_path}``, as the
-Hub does, and can fail on demand (HTTP errors, dropped connections, short or corrupt bodies,
-redirects to another origin), so the downloader's promises are checked end to end: a folder the
-real loader loads, retries, no truncated or corrupt file ever in place, no ``.part`` left behind,
-present files skipped, fast failure on 404, and the token kept off other origins.
+The stand-in (``tests/support/fake_hub``) serves small stand-in files that pass the format
+checks, and fails on demand, so the downloader's promises are checked end to end: every file of
+the spec in place byte for byte, retries, no truncated or corrupt file ever in place, no ``.part``
+left behind, present files skipped, fast failure on 404, and the token kept off other origins.
+That the engine loads what it writes is tested on the tiny model in ``tests/integration``.
 """
 
 from __future__ import annotations
 
-import http.server
-import json
 import struct
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from loopback import serving
 
-import model_files
-from builder import download_weights, make_tiny_model
+from builder import download_weights
 from builder.download_weights import DownloadError, check_file, download
+from tests.support.fake_hub import (
+    FakeHub,
+    safetensors_bytes,
+    serving_hub,
+    stand_in_files,
+    url_path,
+)
+from worker.spec import ModelSpec
 
-STEPS = (4,)
-CHECKPOINT = model_files.checkpoint_file(4)
-TEXT_CONFIG = next(f for f in model_files.required_files(STEPS)
-                   if f.path == "text_encoder/config.json")
-
-
-def url_path(f: model_files.RemoteFile) -> str:
-    return f"/{f.repo}/resolve/{f.revision}/{f.remote_path}"
-
-
-@dataclass
-class FakeHub:
-    """What the stand-in serves, the faults it injects, and every request it saw."""
-
-    files: dict[str, bytes]
-    # url path -> faults for its next requests, consumed one per request; then served normally
-    faults: dict[str, list[str]] = field(default_factory=dict)
-    # url path -> absolute URL to redirect to (302)
-    redirects: dict[str, str] = field(default_factory=dict)
-    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
-    url: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def count(self, path: str) -> int:
-        return sum(1 for p, _ in self.requests if p == path)
-
-
-def _handler_for(hub: FakeHub) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # chunked encoding needs it
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass  # keep pytest's output clean
-
-        def _send(self, status: int, body: bytes, length: int | None = None,
-                  headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body) if length is None else length))
-            self.send_header("Connection", "close")
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(body)
-            self.close_connection = True
-
-        def do_GET(self) -> None:
-            with hub.lock:
-                hub.requests.append((self.path, dict(self.headers.items())))
-                queue = hub.faults.get(self.path)
-                fault = queue.pop(0) if queue else None
-            if self.path in hub.redirects:
-                self._send(302, b"", headers={"Location": hub.redirects[self.path]})
-                return
-            body = hub.files.get(self.path)
-            if body is None or fault in ("401", "403", "404", "500", "503"):
-                code = 404 if body is None else int(fault or 404)
-                self._send(code, f"error {code}".encode())
-            elif fault == "drop":  # the connection closes before any response
-                self.close_connection = True
-            elif fault == "short":  # announces more bytes than it sends
-                self._send(200, body, length=len(body) + 100)
-            elif fault == "cut":  # a consistent answer, but the file itself is cut short
-                self._send(200, body[: len(body) // 2])
-            elif fault == "corrupt":  # right length, garbage content
-                self._send(200, b"\xff" * len(body))
-            elif fault == "chunked_cut":  # chunked encoding, connection lost mid-chunk
-                self.send_response(200)
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                self.wfile.write(f"{len(body):x}\r\n".encode() + body[: len(body) // 2])
-                self.close_connection = True
-            else:
-                self._send(200, body)
-
-    return Handler
+SPEC = ModelSpec(steps=(4,))
+CHECKPOINT = next(f for f in SPEC.files() if f.path.endswith("4step_unet.safetensors"))
+TEXT_CONFIG = next(f for f in SPEC.files() if f.path == "text_encoder/config.json")
+EVERYTHING = ModelSpec(steps=(1, 2, 4, 8), safety_checker=True, tiny_decoder=True)
 
 
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """URL path -> bytes, for every file the worker needs, from a freshly built tiny model."""
-    folder = make_tiny_model.build(tmp_path_factory.mktemp("hub") / "tiny", steps=STEPS)
-    return {url_path(f): (folder / f.path).read_bytes()
-            for f in model_files.required_files(STEPS)}
-
-
-def _serve(files: dict[str, bytes]) -> Iterator[FakeHub]:
-    hub = FakeHub(files=dict(files))
-    with serving(_handler_for(hub)) as hub.url:
-        yield hub
+def tiny_files() -> dict[str, bytes]:
+    """URL path -> bytes, for every file of every spec."""
+    return stand_in_files(EVERYTHING)
 
 
 @pytest.fixture
 def hub(tiny_files: dict[str, bytes]) -> Iterator[FakeHub]:
-    yield from _serve(tiny_files)
+    with serving_hub(tiny_files) as hub:
+        yield hub
 
 
 @pytest.fixture
 def cdn(tiny_files: dict[str, bytes]) -> Iterator[FakeHub]:
     """A second origin (another port), like the CDN the Hub redirects large files to."""
-    yield from _serve(tiny_files)
+    with serving_hub(tiny_files) as hub:
+        yield hub
 
 
 @pytest.fixture(autouse=True)
@@ -137,28 +62,25 @@ def leftovers(folder: Path) -> list[Path]:
 
 
 class TestCompleteDownload:
-    def test_folder_has_every_file_intact_and_the_worker_loads_it(
-            self, hub: FakeHub, tiny_files: dict[str, bytes], tmp_path: Path) -> None:
-        import torch
-
-        import pipeline
-
+    @pytest.mark.parametrize("spec", [SPEC, EVERYTHING], ids=["4-step", "everything"])
+    def test_folder_has_every_file_of_the_spec_intact(
+            self, hub: FakeHub, tiny_files: dict[str, bytes], tmp_path: Path,
+            spec: ModelSpec) -> None:
         folder = tmp_path / "model"
-        fetched = download(folder, STEPS, endpoint=hub.url, backoff_s=0)
-        required = model_files.required_files(STEPS)
-        assert fetched == len(required)
-        for f in required:
+        fetched = download(folder, spec, endpoint=hub.url, backoff_s=0)
+        assert fetched == len(spec.files())
+        for f in spec.files():
             assert (folder / f.path).read_bytes() == tiny_files[url_path(f)], f.path
-        assert leftovers(folder) == []
-        model = pipeline.load(folder, STEPS, device=torch.device("cpu"), dtype=torch.float32)
-        assert model.steps == STEPS
+        assert leftovers(folder) == [] and spec.missing(folder) == []
+        on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        assert on_disk == {f.path for f in spec.files()}  # nothing the spec does not name
 
     def test_cli_uses_hf_endpoint_and_sends_hf_token(
             self, hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", "hf_test_token")
         assert download_weights.main([str(tmp_path / "model"), "--steps", "4"]) == 0
-        assert model_files.missing_files(tmp_path / "model", STEPS) == []
+        assert SPEC.missing(tmp_path / "model") == []
         assert hub.requests, "the CLI did not use HF_ENDPOINT"
         assert {headers.get("Authorization") for _, headers in hub.requests} == \
             {"Bearer hf_test_token"}
@@ -171,24 +93,29 @@ class TestCompleteDownload:
 
 
 class TestOptionalComponents:
-    @pytest.mark.parametrize("option, flag", [("safety", "--safety-checker"),
+    @pytest.mark.parametrize("option, flag", [("safety_checker", "--safety-checker"),
                                               ("tiny_decoder", "--tiny-decoder")])
     def test_their_files_are_fetched_only_when_asked(
             self, hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: str,
             flag: str) -> None:
-        base = {f.path for f in model_files.required_files(STEPS)}
-        extra = [f for f in model_files.required_files(STEPS, **{option: True})
-                 if f.path not in base]
+        with_option = ModelSpec(steps=(4,), **{option: True})
+        base = {f.path for f in SPEC.files()}
+        extra = [f for f in with_option.files() if f.path not in base]
         assert extra, f"{option} adds files"
-        for f in extra:  # small stand-ins that pass the format checks
-            hub.files[url_path(f)] = b"{}" if f.path.endswith(".json") else \
-                TestCheckFile.safetensors({}) if f.path.endswith(".safetensors") else b"weights"
-        download(tmp_path / "plain", STEPS, endpoint=hub.url, backoff_s=0)
+        download(tmp_path / "plain", SPEC, endpoint=hub.url, backoff_s=0)
         assert not any((tmp_path / "plain" / f.path).exists() for f in extra)
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         folder = tmp_path / "with"
         assert download_weights.main([str(folder), "--steps", "4", flag]) == 0
-        assert model_files.missing_files(folder, STEPS, **{option: True}) == []
+        assert with_option.missing(folder) == []
+
+    def test_the_cli_spells_a_spec_as_builder_args_does(self, hub: FakeHub, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        spec = ModelSpec(steps=(2, 8), safety_checker=True, tiny_decoder=True)
+        assert download_weights.main([str(tmp_path / "m"), *spec.builder_args()]) == 0
+        assert spec.missing(tmp_path / "m") == []
+        assert not (tmp_path / "m" / CHECKPOINT.path).exists()  # 4 steps was not asked for
 
 
 class TestRedirects:
@@ -198,7 +125,7 @@ class TestRedirects:
         monkeypatch.setenv("HF_TOKEN", "hf_secret")
         path = url_path(CHECKPOINT)
         hub.redirects[path] = f"{cdn.url}{path}"
-        download(tmp_path / "model", STEPS, endpoint=hub.url, backoff_s=0)
+        download(tmp_path / "model", SPEC, endpoint=hub.url, backoff_s=0)
         assert (tmp_path / "model" / CHECKPOINT.path).read_bytes() == tiny_files[path]
         assert cdn.count(path) == 1
         assert [h.get("Authorization") for p, h in cdn.requests] == [None]
@@ -211,7 +138,7 @@ class TestRedirects:
         path = url_path(CHECKPOINT)
         hub.files["/cache/checkpoint"] = tiny_files[path]
         hub.redirects[path] = f"{hub.url}/cache/checkpoint"
-        download(tmp_path / "model", STEPS, endpoint=hub.url, backoff_s=0)
+        download(tmp_path / "model", SPEC, endpoint=hub.url, backoff_s=0)
         assert hub.count("/cache/checkpoint") == 1
         auth = [h.get("Authorization") for p, h in hub.requests if p == "/cache/checkpoint"]
         assert auth == ["Bearer hf_secret"]
@@ -223,7 +150,7 @@ class TestRetries:
             self, hub: FakeHub, tiny_files: dict[str, bytes], tmp_path: Path, fault: str) -> None:
         path = url_path(CHECKPOINT)
         hub.faults[path] = [fault]
-        download(tmp_path / "model", STEPS, endpoint=hub.url, backoff_s=0)
+        download(tmp_path / "model", SPEC, endpoint=hub.url, backoff_s=0)
         assert hub.count(path) == 2
         assert (tmp_path / "model" / CHECKPOINT.path).read_bytes() == tiny_files[path]
         assert leftovers(tmp_path) == []
@@ -236,7 +163,7 @@ class TestRefusesBadFiles:
         path = url_path(CHECKPOINT)
         hub.faults[path] = [fault] * 10
         with pytest.raises(DownloadError) as info:
-            download(tmp_path / "model", STEPS, endpoint=hub.url, backoff_s=0, attempts=3)
+            download(tmp_path / "model", SPEC, endpoint=hub.url, backoff_s=0, attempts=3)
         assert f"{hub.url}{path}" in str(info.value)
         assert "after 3 attempts" in str(info.value)
         assert hub.count(path) == 3
@@ -247,7 +174,7 @@ class TestRefusesBadFiles:
         path = url_path(TEXT_CONFIG)
         hub.faults[path] = ["corrupt"] * 10
         with pytest.raises(DownloadError, match="not valid JSON"):
-            download(tmp_path / "model", STEPS, endpoint=hub.url, backoff_s=0, attempts=2)
+            download(tmp_path / "model", SPEC, endpoint=hub.url, backoff_s=0, attempts=2)
         assert not (tmp_path / "model" / TEXT_CONFIG.path).exists()
         assert leftovers(tmp_path) == []
 
@@ -256,8 +183,8 @@ class TestRefusesBadFiles:
         path = url_path(CHECKPOINT)
         dest = tmp_path / "model" / CHECKPOINT.path
         dest.parent.mkdir(parents=True)
-        dest.write_bytes(tiny_files[path][:1000])
-        download(tmp_path / "model", STEPS, endpoint=hub.url, backoff_s=0)
+        dest.write_bytes(tiny_files[path][: len(tiny_files[path]) // 2])
+        download(tmp_path / "model", SPEC, endpoint=hub.url, backoff_s=0)
         assert hub.count(path) == 1
         assert dest.read_bytes() == tiny_files[path]
 
@@ -265,10 +192,7 @@ class TestRefusesBadFiles:
 class TestCheckFile:
     """The validity check behind 'never a truncated file in place'."""
 
-    @staticmethod
-    def safetensors(header: object, data: bytes = b"") -> bytes:
-        raw = json.dumps(header).encode()
-        return struct.pack("<Q", len(raw)) + raw + data
+    safetensors = staticmethod(safetensors_bytes)
 
     def test_a_whole_safetensors_file_passes(self, tmp_path: Path) -> None:
         path = tmp_path / "ok.safetensors"
@@ -310,16 +234,16 @@ class TestCheckFile:
 
 class TestSkipsPresentFiles:
     def test_a_complete_folder_is_not_fetched_again(self, hub: FakeHub, tmp_path: Path) -> None:
-        download(tmp_path / "model", STEPS, endpoint=hub.url, backoff_s=0)
+        download(tmp_path / "model", SPEC, endpoint=hub.url, backoff_s=0)
         hub.requests.clear()
-        assert download(tmp_path / "model", STEPS, endpoint=hub.url, backoff_s=0) == 0
+        assert download(tmp_path / "model", SPEC, endpoint=hub.url, backoff_s=0) == 0
         assert hub.requests == []
 
     def test_only_a_missing_file_is_fetched(self, hub: FakeHub, tmp_path: Path) -> None:
-        download(tmp_path / "model", STEPS, endpoint=hub.url, backoff_s=0)
+        download(tmp_path / "model", SPEC, endpoint=hub.url, backoff_s=0)
         (tmp_path / "model" / TEXT_CONFIG.path).unlink()
         hub.requests.clear()
-        assert download(tmp_path / "model", STEPS, endpoint=hub.url, backoff_s=0) == 1
+        assert download(tmp_path / "model", SPEC, endpoint=hub.url, backoff_s=0) == 1
         assert [p for p, _ in hub.requests] == [url_path(TEXT_CONFIG)]
 
 
@@ -330,7 +254,7 @@ class TestFailsFast:
         path = url_path(CHECKPOINT)
         hub.faults[path] = [code] * 10
         with pytest.raises(DownloadError) as info:
-            download(tmp_path / "model", STEPS, endpoint=hub.url, backoff_s=0)
+            download(tmp_path / "model", SPEC, endpoint=hub.url, backoff_s=0)
         assert f"{hub.url}{path}" in str(info.value)
         assert f"HTTP {code}" in str(info.value)
         assert hub.count(path) == 1

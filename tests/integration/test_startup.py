@@ -1,4 +1,7 @@
-"""Start-up as a process: RunPod's local test mode, model location order, and start failures."""
+"""Start-up: RunPod's local test mode as a process, start failures, fetching missing weights.
+
+Where the folder is found (the location order) is tested without a model in tests/unit.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +9,26 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import model_files
-import model_location
+import pipeline
 from builder import make_tiny_model
+from tests.support.fake_hub import FakeHub, files_of, serving_hub
+from worker import location, startup
+from worker.errors import StartupError
+from worker.settings import Settings
+from worker.spec import CHECKPOINTS, ModelSpec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def tiny_model(tiny_model_dir: Path) -> Path:
+    """Every test here starts a worker: MODEL_DIR points at the tiny model."""
+    return tiny_model_dir
 
 
 def worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -51,7 +65,8 @@ class TestStartFailures:
                         DOWNLOAD_MISSING_WEIGHTS="false")
         assert result.returncode == 1
         assert "worker cannot start" in result.stderr
-        assert "make_tiny_model.py" in result.stderr and "download_weights.py" in result.stderr
+        assert "python -m builder.make_tiny_model /tmp/tiny-sdxl --steps 4`" in result.stderr
+        assert "python -m builder.download_weights DIR --steps 4`" in result.stderr
         assert "Traceback" not in result.stderr
 
     def test_unreachable_hub_is_reported_without_a_traceback(self, tmp_path: Path) -> None:
@@ -62,8 +77,8 @@ class TestStartFailures:
         assert "could not be fetched" in result.stderr and "Traceback" not in result.stderr
 
     def test_corrupt_checkpoint_fails_at_start(self, tmp_path: Path) -> None:
-        folder = make_tiny_model.build(tmp_path / "model", steps=(4,))
-        (folder / model_files.CHECKPOINTS[4]).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+        folder = make_tiny_model.build(tmp_path / "model", ModelSpec(steps=(4,)))
+        (folder / CHECKPOINTS[4]).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
         result = worker("--test_input", job(), MODEL_DIR=str(folder))
         assert result.returncode == 1
         assert "cannot load the model folder" in result.stderr
@@ -74,50 +89,51 @@ class TestStartFailures:
         assert "LIGHTNING_STEPS='3' is invalid" in result.stderr
 
 
-class TestModelLocation:
-    def test_model_dir_wins(self, tmp_path: Path) -> None:
-        assert model_location.locate(tmp_path, (4,), volume_root=tmp_path) == (tmp_path,
-                                                                                "MODEL_DIR")
-
-    def test_network_volume_before_baked(self, tmp_path: Path, tiny_model_dir: Path) -> None:
-        volume = tmp_path / "volume"
-        volume.mkdir()
-        (volume / "sdxl-lightning").symlink_to(tiny_model_dir)
-        found, source = model_location.locate(None, (4,), volume_root=volume,
-                                              baked_dir=tmp_path / "baked")
-        assert (found, source) == (volume / "sdxl-lightning", "network volume")
-
-    def test_incomplete_volume_falls_back_to_baked(self, tmp_path: Path) -> None:
-        (tmp_path / "sdxl-lightning" / "unet").mkdir(parents=True)
-        found, source = model_location.locate(None, (4,), volume_root=tmp_path,
-                                              baked_dir=tmp_path / "baked")
-        assert (found, source) == (tmp_path / "baked", "baked folder")
-
-    def test_runpod_model_cache_is_assembled_from_pinned_revisions(
-            self, tmp_path: Path, tiny_model_dir: Path) -> None:
+class TestRunpodModelCache:
+    def test_a_folder_assembled_from_the_cache_loads(self, tmp_path: Path,
+                                                     tiny_model_dir: Path) -> None:
+        spec = ModelSpec(steps=(4,))
         cache = tmp_path / "huggingface-cache" / "hub"
-        for f in model_files.required_files((4,)):
-            target = model_location.hf_cache_path(cache, f)
+        for f in spec.files():
+            target = location.hf_cache_path(cache, f)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes((tiny_model_dir / f.path).read_bytes())
-        found, source = model_location.locate(None, (4,), volume_root=tmp_path,
-                                              baked_dir=tmp_path / "baked")
+        found, source = location.locate(None, spec, volume_root=tmp_path,
+                                        baked_dir=tmp_path / "baked")
         assert source.startswith("RunPod model cache")
-        assert model_files.missing_files(found, (4,)) == []
-        import pipeline
+        assert pipeline.Engine.load(spec, found).steps == (4,)
 
-        assert pipeline.load(found, (4,)).steps == (4,)
 
-    def test_cache_missing_a_checkpoint_is_not_used(self, tmp_path: Path,
-                                                    tiny_model_dir: Path) -> None:
-        cache = tmp_path / "huggingface-cache" / "hub"
-        for f in model_files.required_files((4,)):
-            target = model_location.hf_cache_path(cache, f)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes((tiny_model_dir / f.path).read_bytes())
-        found, source = model_location.locate(None, (2, 4), volume_root=tmp_path,
-                                              baked_dir=tmp_path / "baked")
-        assert source == "baked folder"
+@pytest.fixture
+def hub(tiny_model_dir: Path) -> Iterator[FakeHub]:
+    """The tiny model's files served as the Hugging Face hub serves them."""
+    spec = ModelSpec(steps=(4,), safety_checker=True, tiny_decoder=True)
+    with serving_hub(files_of(tiny_model_dir, spec)) as served:
+        yield served
+
+
+class TestFetchingMissingWeights:
+    def test_an_empty_folder_is_filled_from_the_hub_and_the_worker_starts(
+            self, hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        settings = Settings.from_env({"MODEL_DIR": str(tmp_path / "model"), "WARMUP": "false",
+                                      "SAFETY_CHECKER": "true", "DEVICE": "cpu"})
+        engine = startup.start(settings)
+        assert engine.steps == (4,) and engine.checker is not None
+        assert settings.model_spec.missing(tmp_path / "model") == []
+        assert len(hub.requests) == len(settings.model_spec.files())
+
+    def test_a_folder_that_may_not_be_filled_is_a_startup_error_with_advice(
+            self, tmp_path: Path) -> None:
+        settings = Settings.from_env({"MODEL_DIR": str(tmp_path), "DOWNLOAD_MISSING_WEIGHTS":
+                                      "false", "LIGHTNING_STEPS": "2,8", "VAE_DECODER": "tiny"})
+        with pytest.raises(StartupError) as info:
+            startup.start(settings)
+        message = str(info.value)
+        count = len(settings.model_spec.files())
+        assert message.startswith(f"model folder {tmp_path} is missing {count} file(s)")
+        assert "python -m builder.make_tiny_model /tmp/tiny-sdxl --steps 2 8 --tiny-decoder`" \
+            in message
 
 
 @pytest.mark.gpu
@@ -126,14 +142,12 @@ class TestGpu:
         import numpy as np
         import torch
 
-        import pipeline
-        from resolve import Plan
+        from worker.plan import Plan
 
-        model = pipeline.load(tiny_model_dir, (4,))
+        model = pipeline.Engine.load(ModelSpec(steps=(4,)), tiny_model_dir)
         assert model.device.type == "cuda" and model.dtype == torch.float16
-        images = pipeline.generate(model, Plan(prompt="a cat", negative_prompt=None, width=512,
-                                               height=512, steps=4, guidance_scale=0.0,
-                                               seeds=(1, 2)))
+        [images] = model.generate([Plan(prompt="a cat", negative_prompt=None, width=512,
+                                        height=512, steps=4, guidance_scale=0.0, seeds=(1, 2))])
         assert [image.size for image in images] == [(512, 512)] * 2
         assert all(np.isfinite(np.asarray(image, dtype=np.float32)).all() for image in images)
 
@@ -151,20 +165,9 @@ class TestDevice:
     def test_cpu_is_chosen_without_a_gpu(self) -> None:
         import torch
 
-        from startup import choose_device
+        from worker.engine.loading import choose_device
 
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
         assert choose_device("auto") == (torch.device("cpu"), torch.float32)
         assert choose_device("cpu") == (torch.device("cpu"), torch.float32)
-
-
-def test_locating_twice_reuses_one_linked_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
-    cache = tmp_path / "huggingface-cache" / "hub"
-    for f in model_files.required_files((4,)):
-        target = model_location.hf_cache_path(cache, f)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes((tiny_model_dir / f.path).read_bytes())
-    first = model_location.locate(None, (4,), volume_root=tmp_path, baked_dir=tmp_path / "b")
-    second = model_location.locate(None, (4,), volume_root=tmp_path, baked_dir=tmp_path / "b")
-    assert first == second and model_files.missing_files(first[0], (4,)) == []

@@ -3,18 +3,19 @@
 The worker runs as RunPod runs it: a subprocess with the platform's environment variables
 (``fake_runpod.FakeRunPod.worker_env``), so the runpod SDK takes jobs from the job-take
 endpoints, runs up to ``MAX_CONCURRENCY`` handlers at once, posts results, progress and
-heartbeats, and obeys stop signals, all over HTTP on 127.0.0.1. The model is conftest's tiny one.
+heartbeats, and obeys stop signals, all over HTTP on 127.0.0.1. The model is the tiny one
+(the ``tiny_model_dir`` fixture).
 
 - ``TestLoad``: a few hundred jobs; none lost or duplicated, each result is its own job's (seeds,
   parameters, and for a few jobs the very pixels of an in-process run), and jobs were batched.
 - ``TestFaults``: faults in that loop each fail only their job, with the right error, and the
   worker serves the next job. Faults that cannot be caused from outside (out of memory, a NaN
-  decode, an internal error, a long generation to cancel) come from a TEST-ONLY wrapper
-  (``FAULT_HOOK``, written to a temporary directory): it imports ``handler``, wraps
-  ``pipeline.generate_batch`` and the VAE's decode to misbehave when a prompt carries a
-  ``FAULT_*`` marker, then runs handler.py's own ``__main__`` block, so the start-up config is
-  exactly the worker's. Cancels and timeouts arrive as RunPod sends them: on the SDK's job-stop
-  channel (``policy.executionTimeout`` is enforced by the platform, not by the SDK).
+  decode, an internal error, a long generation to cancel) come from a TEST-ONLY wrapper,
+  ``tests/e2e/fault_worker.py``: it imports ``handler``, wraps the engine's ``run_batch`` and the
+  VAE's decode to misbehave when a prompt carries a ``FAULT_*`` marker, then runs
+  ``handler.main()``, so the start-up config is exactly the worker's. Cancels and timeouts arrive
+  as RunPod sends them: on the SDK's job-stop channel (``policy.executionTimeout`` is enforced by
+  the platform, not by the SDK).
 
 Every wait is bounded and every worker is killed (its whole process group) in a finally.
 """
@@ -36,135 +37,28 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
-from fake_runpod import FakeRunPod, JobRecord
 from PIL import Image
 
-import handler
+from tests.support.fake_runpod import FakeRunPod, JobRecord
+from worker.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAX_CONCURRENCY = 4
 STARTUP_S = 300  # model load and warm-up, on a busy 2-core machine
 LOAD_JOBS = 200
 LOAD_DEADLINE_S = 1200  # ~0.7 s an image here: 200 jobs take ~3-5 minutes
 DATA_URI = re.compile(r"data:image/(png|jpeg|webp);base64,([A-Za-z0-9+/=]+)")
+# The worker's own settings: none leaks in from the test's environment.
+WORKER_SETTINGS = frozenset(Settings.ENV)
 # handler.py's line for every served job.
-# The worker's own settings (schemas.Settings.ENV): none leaks in from the test's environment.
-WORKER_SETTINGS = frozenset({"MODEL_DIR", "LIGHTNING_STEPS", "WARMUP", "DOWNLOAD_MISSING_WEIGHTS",
-                             "MAX_CONCURRENCY", "MAX_BATCH_IMAGES", "SAFETY_CHECKER",
-                             "MAX_RESPONSE_MB"})
 SERVED = re.compile(r"job (\S+): \w+ \d+x\d+, \d+ step\(s\), \d+ image\(s\), seed \d+: .*"
                     r"\(batch of (\d+)\)")
 
-FAULT_HOOK = '''\
-"""TEST-ONLY (written by tests/test_worker_loop.py): handler.py's worker with injected faults.
-
-Prompt markers: FAULT_WAIT_FOR:<tag>:<n> holds the GPU until n jobs whose prompts carry [<tag>]
-were queued (so they form one batch); FAULT_HOLD:<name> holds it until <gates>/<name>.release
-exists. Both touch <gates>/<tag or name>.started when they get the GPU.
-FAULT_OOM runs out of memory at step 2 whatever the batch; FAULT_OOM_IN_BATCH only in a batch of
-several images; FAULT_NAN decodes NaN for its rows; FAULT_BOOM raises RuntimeError.
-"""
-import ast
-import logging
-import re
-import sys
-import time
-from pathlib import Path
-
-ROOT, GATES = Path(sys.argv[1]), Path(sys.argv[2])
-sys.argv = [str(ROOT / "handler.py")]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-import handler  # noqa: E402
-import pipeline  # noqa: E402
-
-log = logging.getLogger("fault-hook")
-submitted = []  # prompts, in the order the GPU executor received them
-real_submit = handler.GPU.submit
-
-
-def counting_submit(plan, on_step=None):
-    submitted.append(plan.prompt)
-    return real_submit(plan, on_step)
-
-
-handler.GPU.submit = counting_submit
-nan_rows, decoded = set(), [0]
-
-
-def nan_decoder(real_decode):
-    def decode(self, latents, *args, **kwargs):
-        out = real_decode(self, latents, *args, **kwargs)
-        row, decoded[0] = decoded[0], decoded[0] + latents.shape[0]
-        return (torch.full_like(out[0], float("nan")),) if row in nan_rows else out
-    return decode
-
-
-decoders = [pipe.vae for pipe in handler.MODEL.pipes.values()]
-if getattr(handler.MODEL, "tiny_decoder", None) is not None:
-    decoders.append(handler.MODEL.tiny_decoder)
-for decoder_class in {type(decoder) for decoder in decoders}:
-    decoder_class.decode = nan_decoder(decoder_class.decode)
-
-
-def wait_for(condition, what, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"fault hook: gave up waiting for {what}")
-        time.sleep(0.05)
-
-
-def oom_at_step_2(on_step):
-    def step(done, total):
-        if on_step is not None:
-            on_step(done, total)
-        if done == 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected at step 2)")
-    return step
-
-
-real_generate_batch = pipeline.generate_batch
-
-
-def faulty_generate_batch(model, plans, on_step=None):
-    prompts = [plan.prompt for plan in plans]
-    images = sum(len(plan.seeds) for plan in plans)
-    log.info("FAULT_HOOK batch of %d image(s): %s", images, " | ".join(prompts))
-    for prompt in prompts:
-        if found := re.search(r"FAULT_WAIT_FOR:(\\w+):(\\d+)", prompt):
-            tag, count = f"[{found[1]}]", int(found[2])
-            (GATES / f"{found[1]}.started").touch()
-            wait_for(lambda: sum(tag in p for p in submitted) >= count, f"{count} {tag} jobs")
-        if found := re.search(r"FAULT_HOLD:(\\w+)", prompt):
-            (GATES / f"{found[1]}.started").touch()
-            wait_for((GATES / f"{found[1]}.release").exists, f"{found[1]}.release")
-    if any("FAULT_BOOM" in p for p in prompts):
-        raise RuntimeError("injected failure")
-    if any("FAULT_OOM" in p and ("IN_BATCH" not in p or images > 1) for p in prompts):
-        on_step = oom_at_step_2(on_step)
-    rows = [plan.prompt for plan in plans for _ in plan.seeds]
-    nan_rows.update(i for i, prompt in enumerate(rows) if "FAULT_NAN" in prompt)
-    decoded[0] = 0
-    try:
-        return real_generate_batch(model, plans, on_step)
-    finally:
-        nan_rows.clear()
-
-
-pipeline.generate_batch = faulty_generate_batch
-source = (ROOT / "handler.py").read_text()
-main = next(node for node in ast.parse(source).body if isinstance(node, ast.If)
-            and ast.unparse(node.test) == "__name__ == '__main__'")
-exec(compile(ast.Module(body=main.body, type_ignores=[]), str(ROOT / "handler.py"), "exec"),
-     vars(handler))
-'''
 
 
 # --- the worker process ----------------------------------------------------------------------
@@ -251,16 +145,17 @@ def decode_image(uri: str, fmt: str = "png") -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-def served_in_process(job_input: dict[str, Any]) -> dict[str, Any]:
+def served_in_process(handler: ModuleType, job_input: dict[str, Any]) -> dict[str, Any]:
     """The same job through the handler imported here (no SDK, no batching)."""
     response = asyncio.run(handler.handler({"id": "reference", "input": job_input}))
     assert "images" in response, response
     return response
 
 
-def assert_same_pixels(result: dict[str, Any], job_input: dict[str, Any]) -> None:
+def assert_same_pixels(handler: ModuleType, result: dict[str, Any],
+                       job_input: dict[str, Any]) -> None:
     """Within one 8-bit level of an in-process run: batching changes fp rounding only."""
-    reference = served_in_process(job_input)
+    reference = served_in_process(handler, job_input)
     for ours, theirs in zip(result["output"]["images"], reference["images"], strict=True):
         assert ours["seed"] == theirs["seed"]
         difference = np.abs(decode_image(ours["image"]) - decode_image(theirs["image"])).max()
@@ -321,21 +216,21 @@ def load_jobs(count: int) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.slow
 class TestLoad:
-    def test_hundreds_of_jobs_none_lost_none_mixed_up_and_batched(self,
-                                                                   tmp_path: Path) -> None:
+    def test_hundreds_of_jobs_none_lost_none_mixed_up_and_batched(
+            self, handler: ModuleType, tmp_path: Path) -> None:
         jobs = load_jobs(LOAD_JOBS)
         with FakeRunPod() as fake:
             for job_id, job_input in jobs.items():
                 fake.add(job_id, job_input)
-            worker = Worker(fake, tmp_path, [sys.executable, "handler.py"])
+            process = Worker(fake, tmp_path, [sys.executable, "handler.py"])
             try:
-                worker.wait_ready()
+                process.wait_ready()
                 started = time.monotonic()
-                worker.wait_settled(list(jobs), LOAD_DEADLINE_S)
+                process.wait_settled(list(jobs), LOAD_DEADLINE_S)
                 elapsed = time.monotonic() - started
-                log = worker.log()
+                log = process.log()
             finally:
-                worker.stop()
+                process.stop()
         records = fake.jobs
         print(f"{len(jobs)} jobs in {elapsed:.0f} s ({len(jobs) / elapsed:.2f} jobs/s)")
 
@@ -349,7 +244,7 @@ class TestLoad:
         assert len(set(uris)) == len(uris)
         # ...and the very pixels of an in-process run with the same input.
         for job_id in ("load-0000", "load-0001", "load-0027", "load-0104"):
-            assert_same_pixels(records[job_id].result, jobs[job_id])
+            assert_same_pixels(handler, records[job_id].result, jobs[job_id])
 
         # Batching happened: the SDK held MAX_CONCURRENCY jobs and the GPU ran them together.
         batches = served_batches(log)
@@ -362,14 +257,20 @@ class TestLoad:
         assert any(int(q.get("batch_size", 1)) > 1 for q in fake.take_params)
         assert all(int(q.get("batch_size", 1)) <= MAX_CONCURRENCY for q in fake.take_params)
 
-        # Progress reached RunPod for every job; heartbeats named jobs in progress.
+        # Progress reached RunPod for every job; heartbeats kept coming during the load, and a
+        # job a heartbeat names is one of this worker's. (Whether a ping names any job is the
+        # SDK's timing: its ping process reads a snapshot of the jobs in progress, and in runs
+        # of the unchanged worker from before the package refactor 0 of 50 pings named one.)
         late = sum(r.progress_after_result for r in records.values())
+        named = [ping["job_id"] for ping in fake.pings if ping.get("job_id")]
         print(f"progress updates: {sum(len(r.progress) for r in records.values())}, "
-              f"{late} arrived after their job's result")
+              f"{late} arrived after their job's result; {len(fake.pings)} heartbeats, "
+              f"{len(named)} naming jobs")
         for record in records.values():
             assert record.progress, record.job["id"]
             assert all(set(p) == {"step", "steps", "progress"} for p in record.progress)
-        assert any(ping.get("job_id", "").startswith("load-") for ping in fake.pings)
+        assert len(fake.pings) >= max(1.0, elapsed / 4)  # every 1 s (RUNPOD_PING_INTERVAL)
+        assert {job for ids in named for job in ids.split(",")} <= set(jobs)
 
 
 # --- TestFaults ------------------------------------------------------------------------------
@@ -424,14 +325,13 @@ class FaultRig:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
+def rig(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[FaultRig]:
     workdir = tmp_path_factory.mktemp("fault-worker")
     gates = workdir / "gates"
     gates.mkdir()
-    hook = workdir / "fault_hook.py"
-    hook.write_text(FAULT_HOOK)
     with FakeRunPod() as fake:
-        worker = Worker(fake, workdir, [sys.executable, str(hook), str(ROOT), str(gates)])
+        worker = Worker(fake, workdir,
+                        [sys.executable, "-m", "tests.e2e.fault_worker", str(gates)])
         try:
             worker.wait_ready()
             yield FaultRig(fake, worker, gates)
@@ -477,16 +377,16 @@ class TestFaults:
         assert_serves(rig.fake.jobs[after])
         log = rig.worker.log()
         assert "out of GPU memory for 3 image(s): retrying one image at a time" in log
-        assert "batch of 3 jobs failed (OutOfMemoryError): re-running each alone" in log
+        assert "batch of 3 jobs failed (GpuMemoryError): re-running each alone" in log
         rig.serves_next()
 
     def test_out_of_memory_only_when_batched_is_recovered_with_the_same_images(
-            self, rig: FaultRig) -> None:
+            self, rig: FaultRig, handler: ModuleType) -> None:
         jobs = rig.batch_behind_gate(ok(30), ok(31, "FAULT_OOM_IN_BATCH"), ok(32))
         for job_id in jobs:
             assert_serves(rig.fake.jobs[job_id])
         job = rig.fake.jobs[jobs[1]]
-        assert_same_pixels(job.result, job.job["input"])
+        assert_same_pixels(handler, job.result, job.job["input"])
         rig.serves_next()
 
     def test_nan_decode_fails_only_its_job(self, rig: FaultRig) -> None:

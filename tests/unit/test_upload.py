@@ -1,6 +1,6 @@
 """Bucket upload: configuration parsing, object keys, and uploads to a real loopback S3.
 
-The S3 is moto's server on 127.0.0.1 with IAM auth enforced (see ``s3_server.py``), so bad
+The S3 is moto's server on 127.0.0.1 with IAM auth enforced (``tests/support/s3_server``), so bad
 credentials are rejected by the server, not by a stub. Retries are tested through a loopback
 proxy that answers 500/503 or drops the connection on demand. Every wait has a timeout.
 """
@@ -15,10 +15,18 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
-from s3_server import ALLOW, READ_ONLY, TIMEOUT_S, FlakyProxy, MotoS3
 
-import upload
-from upload import Bucket, Uploader, UploadError, bucket_from_env, bucket_from_s3_config
+from tests.support.s3_server import ALLOW, READ_ONLY, TIMEOUT_S, FlakyProxy, MotoS3
+from worker.errors import InputError, JobError, StartupError
+from worker.outputs import upload
+from worker.outputs.upload import (
+    Bucket,
+    Uploader,
+    UploadError,
+    bucket_from_env,
+    bucket_from_s3_config,
+)
+from worker.settings import BUCKET_ENV
 
 BUCKET = "images"
 SECRET_ENV = {"BUCKET_ENDPOINT_URL": "http://127.0.0.1:9000/my-bucket",
@@ -80,6 +88,7 @@ def with_endpoint(bucket: Bucket, endpoint: str, **changes: str) -> Bucket:
 def failure(uploader: Uploader, bucket: Bucket) -> UploadError:
     with pytest.raises(UploadError) as info:
         uploader.upload(bucket, upload.object_key("job", 0, ".png"), PNG, "image/png")
+    assert isinstance(info.value, JobError)  # the handler answers it; the worker serves on
     return info.value
 
 
@@ -88,7 +97,7 @@ def failure(uploader: Uploader, bucket: Bucket) -> UploadError:
 class TestBucketFromEnv:
     def test_nothing_set_means_no_bucket(self) -> None:
         assert bucket_from_env({}) is None
-        assert bucket_from_env({key: " " for key in upload.ENV_KEYS}) is None
+        assert bucket_from_env({key: " " for key in BUCKET_ENV}) is None
 
     def test_path_style_url_names_the_bucket(self) -> None:
         bucket = bucket_from_env(SECRET_ENV)
@@ -135,20 +144,20 @@ class TestBucketFromEnv:
         ("BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY"),
     ])
     def test_incomplete_names_what_is_missing_and_no_value(self, present: tuple[str, ...]) -> None:
-        with pytest.raises(ValueError, match="half configured") as info:
+        with pytest.raises(StartupError, match="half configured") as info:
             bucket_from_env({key: SECRET_ENV[key] for key in present})
         message = str(info.value)
         named = re.search(r"half configured: (.*?) (?:is|are) not set", message)[1]
-        assert named.split(", ") == [key for key in upload.ENV_KEYS[:3] if key not in present]
+        assert named.split(", ") == [key for key in BUCKET_ENV[:3] if key not in present]
         assert not any(value in message for value in SECRET_ENV.values())
 
     def test_bucket_name_alone_is_incomplete(self) -> None:
-        with pytest.raises(ValueError, match="BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, "
+        with pytest.raises(StartupError, match="BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, "
                                              "BUCKET_SECRET_ACCESS_KEY are not set"):
             bucket_from_env({"BUCKET_NAME": "renders"})
 
     def test_no_bucket_anywhere_asks_for_bucket_name(self) -> None:
-        with pytest.raises(ValueError, match="set BUCKET_NAME"):
+        with pytest.raises(StartupError, match="set BUCKET_NAME"):
             bucket_from_env({**SECRET_ENV, "BUCKET_ENDPOINT_URL": "https://minio.example.com"})
 
     @pytest.mark.parametrize("url", [
@@ -156,12 +165,16 @@ class TestBucketFromEnv:
         "http://host/bucket?x=1",
     ])
     def test_bad_urls_are_rejected_without_echoing_them(self, url: str) -> None:
-        with pytest.raises(ValueError, match="BUCKET_ENDPOINT_URL") as info:
+        with pytest.raises(StartupError, match="BUCKET_ENDPOINT_URL") as info:
             bucket_from_env({**SECRET_ENV, "BUCKET_ENDPOINT_URL": url})
         assert url not in str(info.value) and "pw" not in str(info.value)
 
+    def test_a_host_botocore_refuses_is_refused_at_start(self) -> None:
+        with pytest.raises(StartupError, match="BUCKET_ENDPOINT_URL has a host name S3 clients"):
+            bucket_from_env({**SECRET_ENV, "BUCKET_ENDPOINT_URL": "https://my_minio:9000/renders"})
+
     def test_invalid_bucket_name(self) -> None:
-        with pytest.raises(ValueError, match="bucket name"):
+        with pytest.raises(StartupError, match="bucket name"):
             bucket_from_env({**SECRET_ENV, "BUCKET_NAME": "a b"})
 
 
@@ -180,21 +193,38 @@ class TestBucketFromS3Config:
 
     def test_missing_keys_are_named(self) -> None:
         cfg = {"accessSecret": "job-s3cr3t", "bucketName": "", "endpointUrl": "http://h:1"}
-        with pytest.raises(ValueError, match="missing: accessId, bucketName") as info:
+        with pytest.raises(InputError, match="missing: accessId, bucketName") as info:
             bucket_from_s3_config(cfg)
         assert "job-s3cr3t" not in str(info.value)
 
     def test_wrong_types_are_named_without_values(self) -> None:
         cfg = {**self.GOOD, "accessSecret": 12345678, "endpointUrl": ["x"], "accessId": "  "}
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(InputError) as info:
             bucket_from_s3_config(cfg)
         message = str(info.value)
         assert "not strings: accessSecret (int), endpointUrl (list)" in message
         assert "blank: accessId" in message and "12345678" not in message
 
+    @pytest.mark.parametrize("host", ["my_host.example.com", "-bad.example.com",
+                                      "bad-.example.com", "a" * 64 + ".example.com",
+                                      ("a" * 60 + ".") * 5 + "com"])
+    def test_a_host_botocore_would_refuse_at_upload_is_refused_up_front(self, host: str) -> None:
+        # Else the client is made at the first upload, after the GPU ran: an internal error.
+        with pytest.raises(InputError) as info:
+            bucket_from_s3_config({**self.GOOD, "endpointUrl": f"https://{host}/renders"})
+        assert str(info.value).startswith("s3Config.endpointUrl has a host name S3 clients")
+        assert host not in str(info.value)
+
+    @pytest.mark.parametrize("url", ["http://127.0.0.1:9000", "http://[::1]:9000/renders",
+                                     "https://renders.s3.us-east-2.amazonaws.com",
+                                     "http://minio:9000/renders"])
+    def test_hosts_botocore_accepts_pass(self, url: str) -> None:
+        assert bucket_from_s3_config({**self.GOOD, "endpointUrl": url}).bucket_name == "renders"
+        Uploader().client(bucket_from_s3_config({**self.GOOD, "endpointUrl": url}))
+
     @pytest.mark.parametrize("cfg", [None, "s3://x", ["accessId"]])
     def test_not_an_object(self, cfg: object) -> None:
-        with pytest.raises(ValueError, match="s3Config must be an object"):
+        with pytest.raises(InputError, match="s3Config must be an object"):
             bucket_from_s3_config(cfg)
 
 

@@ -1,15 +1,27 @@
-"""From request to the parameters actually used: snapping, clamping, steps, guidance, seeds."""
+"""From request to the parameters actually used: snapping, clamping, steps, strength, guidance,
+seeds and the safety-checker decision."""
 
 from __future__ import annotations
 
 import pytest
 
-from resolve import draw_seed, resolve, resolve_steps, snap_side
 from schemas import SEED_LIMIT, parse_request
+from worker.errors import InputError
+from worker.plan import (
+    draw_seed,
+    resolve,
+    resolve_safety,
+    resolve_steps,
+    sizes_from_image,
+    snap_side,
+    warmup_plan,
+)
 
 
-def plan_for(available: tuple[int, ...] = (4,), **fields: object):
-    return resolve(parse_request({"prompt": "p", **fields}), available, new_seed=lambda: 99)
+def plan_for(available: tuple[int, ...] = (4,), image_size: tuple[int, int] | None = None,
+             safety_mode: str = "off", **fields: object):
+    return resolve(parse_request({"prompt": "p", **fields}), available, safety_mode=safety_mode,
+                   image_size=image_size, new_seed=lambda: 99)
 
 
 class TestSizes:
@@ -110,3 +122,59 @@ class TestParameters:
             "mode": "txt2img", "strength": None, "scheduler": "K_EULER", "output_format": "png",
             "quality": None, "safety_checker": False, "model": "ByteDance/SDXL-Lightning",
             "checkpoint": "sdxl_lightning_4step_unet.safetensors"}
+
+
+class TestStrength:
+    @pytest.mark.parametrize(("strength", "effective"), [(0.25, 0.25), (0.6, 0.5), (0.8, 0.75),
+                                                         (1.0, 1.0)])
+    def test_is_quantised_to_whole_steps(self, strength: float, effective: float) -> None:
+        plan, _ = plan_for(image_size=(512, 512), image="x", strength=strength)
+        assert plan.strength == effective and plan.mode == "img2img"
+
+    def test_too_small_to_run_a_step_is_an_input_error_naming_the_minimum(self) -> None:
+        with pytest.raises(InputError) as info:
+            plan_for(image_size=(512, 512), image="x", strength=0.2)
+        assert str(info.value) == ("invalid input: strength=0.2 runs no denoising step with the "
+                                   "4-step checkpoint; the smallest allowed is 0.25")
+
+    def test_inpainting_defaults_to_every_step(self) -> None:
+        plan, warnings = plan_for(image_size=(512, 512), image="x", mask="y")
+        assert (plan.mode, plan.strength, warnings) == ("inpaint", 1.0, [])
+
+
+class TestInitImageSize:
+    def test_the_output_follows_the_image_snapped(self) -> None:
+        plan, warnings = plan_for(image_size=(601, 700), image="x", strength=0.5)
+        assert (plan.width, plan.height) == (600, 704)
+        assert warnings == ["output size 600x704 follows the init image (601x700), fitted to "
+                            "512-1536 in multiples of 8"]
+
+    def test_a_huge_side_beside_an_image_is_clamped_not_an_overflow(self) -> None:
+        req = parse_request({"prompt": "p", "image": "x", "width": 10**400})
+        width, height = sizes_from_image(req, (512, 256))
+        assert width == 10**400 and height > 10**399  # integer arithmetic, clamped later
+        plan, _ = plan_for(image_size=(512, 256), image="x", width=10**400, strength=0.5)
+        assert (plan.width, plan.height) == (1536, 1536)
+
+
+class TestSafetyChecker:
+    @pytest.mark.parametrize(("setting", "disable", "checked"), [
+        ("off", False, False), ("off", True, False), ("on", False, True), ("on", True, False),
+        ("always", False, True)])
+    def test_who_decides(self, setting: str, disable: bool, checked: bool) -> None:
+        req = parse_request({"prompt": "p", "disable_safety_checker": disable})
+        assert resolve_safety(setting, req) == (checked, [])
+
+    def test_always_overrules_the_caller_and_says_so(self) -> None:
+        plan, warnings = plan_for(safety_mode="always", disable_safety_checker=True)
+        assert plan.safety_check is True
+        assert warnings == ["disable_safety_checker was ignored: this worker always runs the "
+                            "safety checker (SAFETY_CHECKER=always)"]
+        assert plan.parameters()["safety_checker"] is True
+
+
+class TestWarmupPlan:
+    def test_one_image_at_the_size_without_guidance(self) -> None:
+        plan = warmup_plan(2, 768, 512)
+        assert (plan.steps, plan.width, plan.height, plan.seeds) == (2, 768, 512, (0,))
+        assert plan.guidance_scale == 0.0 and plan.mode == "txt2img" and not plan.safety_check

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from schemas import MAX_PROMPT_CHARS, SEED_LIMIT, Settings, parse_request
+from schemas import MAX_PROMPT_CHARS, SEED_LIMIT, parse_request
+from worker.errors import InputError
 
 NUMERIC = ["height", "width", "num_inference_steps", "guidance_scale", "seed", "num_images"]
 
 
 def rejected(raw: object) -> str:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(InputError) as info:
         parse_request(raw)
     return str(info.value)
 
@@ -117,26 +116,19 @@ class TestErrors:
         assert "expected a JSON object" in rejected(raw)
 
 
-class TestSettings:
-    def test_defaults(self) -> None:
-        settings = Settings.from_env({})
-        assert settings.lightning_steps == (4,) and settings.warmup is True
+class TestAliases:
+    def test_two_names_for_one_field_must_agree(self) -> None:
+        message = rejected({"prompt": "p", "num_outputs": 2, "num_images": 3})
+        assert message == ("invalid input: num_outputs and num_images name the same field "
+                           "(num_images) with different values: 2, 3")
 
-    def test_environment_is_read(self) -> None:
-        settings = Settings.from_env({"MODEL_DIR": "/m", "LIGHTNING_STEPS": "8, 2,4",
-                                      "WARMUP": "false", "DOWNLOAD_MISSING_WEIGHTS": "0"})
-        assert settings.model_dir == Path("/m")
-        assert settings.lightning_steps == (2, 4, 8)
-        assert settings.warmup is False and settings.download_missing is False
+    def test_aliases_are_renamed(self) -> None:
+        req = parse_request({"prompt": "p", "num_steps": 2, "guidance": 1.5, "num_outputs": 3})
+        assert (req.num_inference_steps, req.guidance_scale, req.num_images) == (2, 1.5, 3)
 
-    @pytest.mark.parametrize("steps", ["3", "four", "", "4,16"])
-    def test_bad_steps_name_the_variable(self, steps: str) -> None:
-        if not steps:
-            assert Settings.from_env({"LIGHTNING_STEPS": steps}).lightning_steps == (4,)
-            return
-        with pytest.raises(ValueError, match="LIGHTNING_STEPS"):
-            Settings.from_env({"LIGHTNING_STEPS": steps})
-
-    def test_bad_boolean_names_the_variable(self) -> None:
-        with pytest.raises(ValueError, match="WARMUP='maybe'"):
-            Settings.from_env({"WARMUP": "maybe"})
+    def test_a_validation_failure_is_an_input_error_not_a_value_error(self) -> None:
+        # The handler treats only InputError as the caller's fault; a ValueError from a bug
+        # must never pass for a rejected input.
+        with pytest.raises(InputError) as info:
+            parse_request({"prompt": ""})
+        assert not isinstance(info.value, ValueError)

@@ -142,7 +142,7 @@ class LocalServer:
 
 
 class Network:
-    """An opener for ``url_fetch``: records each dialled address, connects to 127.0.0.1."""
+    """An opener for ``worker.inputs.fetch``: records each dialled address, dials 127.0.0.1."""
 
     def __init__(self) -> None:
         self.dialled: list[str] = []

@@ -1,17 +1,14 @@
-"""The GPU executor: which jobs share a batch, and that batching never changes a job's result."""
+"""The GPU queue: which jobs share a batch, failures, cancellation and progress (fake batches;
+that batched images equal lone ones on the real pipeline is tested in tests/integration)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
-import numpy as np
-import pytest
-
-import pipeline
-from batching import BatchResult, GpuWorker
-from resolve import Plan
+from worker.gpu_queue import BatchResult, GpuWorker
+from worker.plan import Plan
 
 WAIT = 60  # seconds; a bound on every wait, never an assertion on speed
 
@@ -118,37 +115,39 @@ class TestFailures:
         worker.close(WAIT)
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir: Path) -> pipeline.Model:
-    return pipeline.load(tiny_model_dir, (4,))
+class TestCancellation:
+    def test_cancelled_job_that_has_not_started_never_runs(self) -> None:
+        ran: list[tuple[int, ...]] = []
+        gate = threading.Event()
+        entered = threading.Event()
 
-
-class TestRealPipeline:
-    """Batches through the real SDXL pipeline on the tiny model equal lone runs."""
-
-    def test_batched_results_equal_lone_results(self, model: pipeline.Model) -> None:
-        calls: list[int] = []
-        entered, gate = threading.Event(), threading.Event()
-
-        def run(plans: Sequence[Plan], on_step) -> list[list]:
+        def run_batch(plans: Any, on_step: Any) -> list[list[str]]:
             entered.set()
             gate.wait(WAIT)
-            calls.append(len(plans))
-            return pipeline.generate_batch(model, plans, on_step)
+            ran.extend(p.seeds for p in plans)
+            return [["x"] * len(p.seeds) for p in plans]
 
-        worker = GpuWorker(run)
-        plans = [plan(11, prompt="a red fox"), plan(20, prompt="a dog", images=2),
-                 plan(33, prompt="the sea")]
-        blocker = worker.submit(plan(1))
+        worker = GpuWorker(run_batch)
+        first = worker.submit(plan(1))
         assert entered.wait(WAIT)
-        futures = [worker.submit(p) for p in plans]
+        second = worker.submit(plan(2))
+        assert second.cancel()  # what asyncio does when RunPod cancels or times out the job
         gate.set()
-        blocker.result(WAIT)
-        batched = [f.result(WAIT).images for f in futures]
-        assert calls == [1, 3]
-        for p, images in zip(plans, batched, strict=True):
-            alone = pipeline.generate(model, p)
-            for got, want in zip(images, alone, strict=True):
-                diff = np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16))
-                assert diff.max() <= 1
+        first.result(WAIT)
+        worker.submit(plan(3)).result(WAIT)
+        assert ran == [(1,), (3,)]
+        worker.close(WAIT)
+
+    def test_a_base_exception_fails_its_jobs_and_the_gpu_thread_lives_on(self) -> None:
+        calls: list[int] = []
+
+        def run_batch(plans: Any, on_step: Any) -> list[list[str]]:
+            calls.append(len(plans))
+            if any(p.prompt == "exit" for p in plans):
+                raise SystemExit("a BaseException must not end the GPU thread")
+            return [["x"] * len(p.seeds) for p in plans]
+
+        worker = GpuWorker(run_batch)
+        assert isinstance(worker.submit(plan(1, prompt="exit")).exception(WAIT), SystemExit)
+        assert worker.submit(plan(2)).result(WAIT).images == ["x"]
         worker.close(WAIT)

@@ -1,8 +1,9 @@
-"""image_inputs and url_fetch: encodings, normalisation, rejections, bombs, masks, SSRF-safe URLs.
+"""inputs/images and inputs/fetch: encodings, normalisation, rejections, bombs, masks, SSRF-safe
+URLs.
 
-URL tests talk only to a server on 127.0.0.1 (``http_fixtures``). Names such as ``ok.example``
-exist only in stub resolvers; a stub ``Network`` opener dials the local server whatever address
-was checked, and records that address.
+URL tests talk only to a server on 127.0.0.1 (``tests/support/http_fixtures``). Names such as
+``ok.example`` exist only in stub resolvers; a stub ``Network`` opener dials the local server
+whatever address was checked, and records that address.
 """
 
 from __future__ import annotations
@@ -23,19 +24,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from http_fixtures import LocalServer, Network, Route, make_certificate
 from PIL import Image, ImageFile
 
-import image_inputs
-import url_fetch
-from image_inputs import ImageInputError, InputLimits, load_image, load_mask
-from url_fetch import FetchError, FetchLimits, blocked_reason
+from tests.support.http_fixtures import LocalServer, Network, Route, make_certificate
+from worker.errors import InputError
+from worker.inputs import fetch, images
+from worker.inputs.fetch import FetchError, FetchLimits, blocked_reason
+from worker.inputs.images import InputLimits, load_image, load_mask
 
-# pytest drops filters set while collecting, image_inputs' bomb-warning filter among them; it is
-# checked in a fresh interpreter below (TestBombs). Here the warning would only be noise.
+# worker/runtime.py silences Pillow's bomb warning for the worker process; that is checked in a
+# fresh interpreter below (TestBombs). Here the warning would only be noise.
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PUBLIC_IP = "93.184.216.34"  # a global address; never dialled (Network routes it locally)
 LOCAL = InputLimits(allow_http=True, allow_private=True)
 HTTP_PUBLIC_ONLY = InputLimits(allow_http=True)
@@ -81,9 +82,9 @@ def bomb_png(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def message(value: object, limits: InputLimits = image_inputs.DEFAULT_LIMITS, field: str = "image",
+def message(value: object, limits: InputLimits = images.DEFAULT_LIMITS, field: str = "image",
             **kwargs: object) -> str:
-    with pytest.raises(ImageInputError) as caught:
+    with pytest.raises(InputError) as caught:
         load_image(value, field, limits, **kwargs)
     error = caught.value  # no chained traceback behind the message
     assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
@@ -227,7 +228,7 @@ class TestRejections:
 
     def test_byte_cap_in_megabytes(self) -> None:
         assert message("A" * (3 * 2**20), InputLimits(max_bytes=2 * 2**20)) == \
-            "image: the file is 2.2 MB; the limit is 2 MB"  # 3 MiB of base64 = 2.25 MiB
+            "image: the file is 2.2 MiB; the limit is 2 MiB"  # 3 MiB of base64 = 2.25 MiB
 
     def test_a_huge_bad_value_is_not_echoed(self) -> None:
         text = message("A" * 100_000 + "!" + "B" * 100_000)
@@ -289,16 +290,19 @@ class TestBombs:
             "image: 9000x2 pixels: a side is over the 8192-pixel limit"
         assert decoded == []
 
-    def test_pillows_warning_is_ignored_from_import_on(self) -> None:
-        # A fresh interpreter where the warning is an error until image_inputs is imported:
-        # without the module's filter this would be "not a decodable image (Image size ...)".
+    def test_pillows_warning_is_ignored_once_the_libraries_are_configured(self) -> None:
+        # A fresh interpreter where the warning is an error until worker.runtime configures the
+        # process: without its filter this would be "not a decodable image (Image size ...)".
         code = ("import sys, warnings\n"
                 "from PIL import Image\n"
                 "warnings.simplefilter('error', Image.DecompressionBombWarning)\n"
-                "import image_inputs\n"
+                "from worker import runtime\n"
+                "from worker.errors import InputError\n"
+                "from worker.inputs import images\n"
+                "runtime.configure_libraries({})\n"
                 "try:\n"
-                "    image_inputs.load_image(sys.stdin.buffer.read(), 'image')\n"
-                "except image_inputs.ImageInputError as exc:\n"
+                "    images.load_image(sys.stdin.buffer.read(), 'image')\n"
+                "except InputError as exc:\n"
                 "    print(exc)\n")
         run = subprocess.run([sys.executable, "-c", code], input=bomb_png(12000, 12000),
                              capture_output=True, cwd=ROOT, timeout=120, check=True)
@@ -309,7 +313,7 @@ class TestBombs:
         def outcome(value: bytes) -> bytes | str:
             try:
                 return np.asarray(load_image(value, "image")).tobytes()
-            except ImageInputError as exc:
+            except InputError as exc:
                 return str(exc)
 
         with ThreadPoolExecutor(8) as pool:
@@ -337,7 +341,7 @@ class TestMask:
         assert mask.getpixel((4, 1)) == 255 and mask.getpixel((4, 6)) == 0
 
     def test_errors_name_the_mask_field(self) -> None:
-        with pytest.raises(ImageInputError, match=r"^mask: format GIF is not accepted"):
+        with pytest.raises(InputError, match=r"^mask: format GIF is not accepted"):
             load_mask(b64(encode(pattern(), "GIF")), "mask", (16, 12))
 
     @pytest.mark.parametrize("size", [(0, 8), (8,), (8.0, 8), (True, 8)])
@@ -393,6 +397,13 @@ class TestUrlPolicy:
     def test_a_png_is_fetched_when_local_http_is_allowed(self, server: LocalServer) -> None:
         np.testing.assert_array_equal(fetched(server.url("/image.png"), LOCAL), PIXELS)
         assert [path for path, _ in server.requests] == ["/image.png"]
+
+    @pytest.mark.parametrize("url", ["https://exa mple.com/", "https://a\x01b.example/x.png"])
+    def test_a_host_with_a_space_or_control_character_is_the_callers_error(
+            self, url: str) -> None:
+        # Found by the fuzz: http.client raised InvalidURL when connecting, an internal error.
+        assert message(url, resolver=lambda host, port: [PUBLIC_IP], opener=Network()) == (
+            "image: not a valid URL (the host has a space or a control character)")
 
     def test_http_is_refused_by_default(self, server: LocalServer) -> None:
         assert message(server.url("/image.png")) == "image: URL must use https (got http)"
@@ -480,28 +491,36 @@ class TestRedirects:
             self, server: LocalServer, network: Network, host: str, refusal: str) -> None:
         server.routes["/hop"] = Route(status=301, headers={
             "Location": server.url("/image.png", host)})
-        with pytest.raises(ImageInputError) as caught:
+        with pytest.raises(InputError) as caught:
             self.fetch(server, network, "/hop")
         assert str(caught.value) == \
             f"image: refusing to fetch http://{host}:{server.port}: {refusal}"
         assert network.dialled == [PUBLIC_IP] and len(server.requests) == 1
 
+    def test_a_redirect_to_an_unparsable_url_is_the_callers_error(
+            self, server: LocalServer, network: Network) -> None:
+        server.routes["/hop"] = Route(status=302, headers={"Location": "http://[::1"})
+        with pytest.raises(InputError) as caught:
+            self.fetch(server, network, "/hop")
+        assert str(caught.value).startswith(
+            f"image: http://ok.example:{server.port} redirected to an invalid URL (")
+
     def test_a_redirect_to_another_scheme_is_refused(self, server: LocalServer,
                                                      network: Network) -> None:
         server.routes["/hop"] = Route(status=307, headers={"Location": "file:///etc/passwd"})
-        with pytest.raises(ImageInputError, match=r"^image: URL must use https \(got file\)$"):
+        with pytest.raises(InputError, match=r"^image: URL must use https \(got file\)$"):
             self.fetch(server, network, "/hop")
 
     def test_a_redirect_loop_stops_after_max_redirects(self, server: LocalServer,
                                                        network: Network) -> None:
         server.routes["/loop"] = Route(status=302, headers={"Location": "/loop"})
-        with pytest.raises(ImageInputError, match=r"^image: too many redirects \(more than 3\)$"):
+        with pytest.raises(InputError, match=r"^image: too many redirects \(more than 3\)$"):
             self.fetch(server, network, "/loop")
         assert len(server.requests) == 4  # the first request and 3 redirects
 
     def test_no_redirects_allowed(self, server: LocalServer, network: Network) -> None:
         server.routes["/hop"] = Route(status=302, headers={"Location": "/image.png"})
-        with pytest.raises(ImageInputError, match=r"more than 0"):
+        with pytest.raises(InputError, match=r"more than 0"):
             self.fetch(server, network, "/hop", InputLimits(allow_http=True, max_redirects=0))
 
 
@@ -531,13 +550,13 @@ class TestResponses:
         server.routes["/big"] = Route(length=50 * 2**20, hold_s=5)
         limits = InputLimits(allow_http=True, allow_private=True, url_timeout_s=4)
         assert message(server.url("/big"), limits) == \
-            f"image: http://127.0.0.1:{server.port} announces 50 MB; the limit is 20 MB"
+            f"image: http://127.0.0.1:{server.port} announces 50 MiB; the limit is 20 MiB"
 
     def test_an_unannounced_body_is_cut_at_the_cap(self, server: LocalServer) -> None:
         server.routes["/stream"] = Route(body=PNG + bytes(300_000), length=None)
         limits = InputLimits(allow_http=True, allow_private=True, max_bytes=100_000)
         assert message(server.url("/stream"), limits) == \
-            f"image: the download from http://127.0.0.1:{server.port} is over the 97.7 KB limit"
+            f"image: the download from http://127.0.0.1:{server.port} is over the 97.7 KiB limit"
 
     def test_bytes_past_the_content_length_are_not_read(self, server: LocalServer) -> None:
         server.routes["/extra"] = Route(body=PNG + bytes(200_000), length=len(PNG))
@@ -578,8 +597,7 @@ class TestResponses:
 
     def test_logs_and_errors_carry_no_path_or_query(self, server: LocalServer,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-        caplog.set_level(logging.DEBUG, logger="worker.image_inputs")
-        caplog.set_level(logging.DEBUG, logger="worker.url_fetch")
+        caplog.set_level(logging.DEBUG, logger="worker.inputs")
         text = message(server.url("/secret-path.png?token=SECRET"), LOCAL)
         assert "HTTP 404" in text and "SECRET" not in text and "secret-path" not in text
         assert "127.0.0.1" in caplog.text
@@ -634,10 +652,9 @@ class TestTls:
 class TestUrlFetchModule:
     def test_its_errors_name_no_field(self) -> None:
         with pytest.raises(FetchError) as caught:
-            url_fetch.fetch("http://x.example/a.png", FetchLimits())
+            fetch.fetch("http://x.example/a.png", FetchLimits())
         assert str(caught.value) == "URL must use https (got http)"
-        assert isinstance(caught.value, ValueError)
-        assert not isinstance(caught.value, ImageInputError)
+        assert isinstance(caught.value, InputError)  # the URL is the caller's
 
     def test_input_limits_give_the_fetch_limits(self) -> None:
         limits = InputLimits(max_bytes=1234, url_timeout_s=2.5, max_redirects=1, allow_http=True,
@@ -661,6 +678,6 @@ def test_module_defaults() -> None:
     assert (limits.max_bytes, limits.max_pixels, limits.max_side) == (20 * 2**20, 4096**2, 8192)
     assert limits.formats == {"PNG", "JPEG", "WEBP"} and limits.max_redirects == 3
     assert (limits.allow_http, limits.allow_private, limits.url_timeout_s) == (False, False, 10)
-    assert image_inputs.DEFAULT_LIMITS == limits
+    assert images.DEFAULT_LIMITS == limits
     with pytest.raises(ValueError):
         InputLimits(max_bytes=0)
