@@ -1,23 +1,25 @@
 """Cold-start benchmark: a fresh process loading the full-size model against reading its bytes.
 
-Usage: ``python bench/coldstart.py [--device cpu|cuda] [--rounds 3] [--model-dir DIR]
-[--warmup] [--fp32]``. Builds the full-size random-weight folder first (``bench/full_model.py``,
-outside all timing; skipped when complete), then runs, in shuffled order within each round, with
-the page cache warm (files read once just before) and cold (the model files evicted with
-``posix_fadvise(DONTNEED)``, checked with ``fincore``: only this folder's pages, so other users
-of the shared machine keep theirs; ``drop_caches`` would evict everything):
+Usage: ``python -m bench.coldstart [--device cpu|cuda] [--rounds 3] [--model-dir DIR]
+[--warmup] [--fp32]``, from the repository root. Builds the full-size random-weight folder first
+(``bench/full_model.py``, outside all timing; skipped when complete), then runs, in shuffled
+order within each round, with the page cache warm (files read once just before) and cold (the
+model files evicted with ``posix_fadvise(DONTNEED)``, checked with ``fincore``: only this
+folder's pages, so other users of the shared machine keep theirs; ``drop_caches`` would evict
+everything):
 
-- load: a fresh ``python -c`` importing the worker's loading code (``startup``, which imports
-  ``pipeline``), then ``pipeline.load(DIR, (4,), device, fp16)``, what ``startup.start`` runs
-  after its file checks; ``--warmup`` adds ``startup.warm_up`` (one 512² image; on a CPU this
+- load: a fresh ``python -c`` (run in the repository root, so it imports the worker from there)
+  importing the worker's loading code (``worker.startup``, which imports ``pipeline``), then
+  ``pipeline.Engine.load(ModelSpec(steps=(4,)), DIR, device, fp16)``, what ``worker.startup.start``
+  runs after its file checks; ``--warmup`` adds ``Engine.warm_up`` (one 512² image; on a CPU this
   takes minutes with the full model, so it is off there by default and on for ``cuda``).
   fp16 on the CPU too, so the bytes read are the GPU path's (7.1 GB; the worker's own CPU choice,
   fp32, also converts them). On the CPU ``safetensors`` may leave tensors mapped, not read:
   ``touch`` then reads one element per 4 KiB page of every tensor, so all bytes are resident,
   as after a GPU copy. On cuda, load includes the copy to the GPU (synchronized).
 - load with prefetch (cold cache only): the same, plus a thread started before the heavy imports
-  that reads the model files, in load order, into the page cache: a few lines the worker could
-  add at the top of ``handler.py``, measured here before anyone adds them.
+  that reads the model files, in load order, into the page cache: the worker's own
+  ``worker.prefetch.start``, which ``handler.py`` starts before its heavy imports.
 - read: a fresh ``python -c`` reading the same files in 16 MiB chunks, and ``cat FILES``.
 
 Goal: start-to-ready <= import + 1.5 x read (+ warm-up, when on), i.e. everything after the
@@ -44,25 +46,25 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import model_files  # noqa: E402 - the repo root is on the path only after the line above
-from bench import full_model  # noqa: E402
+from bench import full_model
+from worker.spec import ModelSpec
+
+ROOT = Path(__file__).resolve().parent.parent  # the children run here: the worker's imports
 
 CHUNK = 16 << 20
 LOAD_CHILD = textwrap.dedent("""
     import json, sys, threading, time
     t0 = time.perf_counter()
-    sys.path.insert(0, {root!r})
-    if {prefetch!r}:  # the worker's own start-up prefetch (handler.py imports it first)
-        import prefetch
+    if {prefetch!r}:  # the worker's own start-up prefetch (handler.py starts it first)
+        from worker import prefetch
         from pathlib import Path as _P
         prefetch.start([_P(f) for f in {files!r}])
-    import torch, startup, pipeline
+    import torch, worker.startup, pipeline
     from pathlib import Path
+    from worker.spec import ModelSpec
     t1 = time.perf_counter()
     device, dtype = torch.device({device!r}), getattr(torch, {dtype!r})
-    model = pipeline.load(Path({model_dir!r}), (4,), device, dtype)
+    model = pipeline.Engine.load(ModelSpec(steps=(4,)), Path({model_dir!r}), device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t2 = time.perf_counter()
@@ -74,7 +76,7 @@ LOAD_CHILD = textwrap.dedent("""
                 flat[::max(1, 4096 // flat.element_size())].float().sum()
     t3 = time.perf_counter()
     if {warmup!r}:
-        startup.warm_up(model)
+        model.warm_up()
         sync()
     t4 = time.perf_counter()
     ready = time.time()
@@ -95,9 +97,10 @@ READ_CHILD = textwrap.dedent("""
 
 
 def model_files_of(model_dir: Path) -> list[Path]:
-    """The files ``pipeline.load`` reads for the 4-step checkpoint, in its order (UNet last)."""
+    """The files ``pipeline.Engine.load`` reads for the 4-step checkpoint, in its order (UNet
+    last)."""
     order = ("scheduler", "unet/", "tokenizer", "text_encoder", "vae", "sdxl_lightning")
-    paths = [f.path for f in model_files.required_files((4,))]
+    paths = [f.path for f in ModelSpec(steps=(4,)).files()]
     return [model_dir / p for p in sorted(paths, key=lambda p: (
         next(i for i, name in enumerate(order) if p.startswith(name)), p))]
 
@@ -132,7 +135,7 @@ def child(code: str, *args: str) -> tuple[float, dict[str, float]]:
     """Wall seconds of a fresh interpreter running ``code``, and the JSON it printed last."""
     started, epoch = time.perf_counter(), time.time()
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+                          cwd=ROOT, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -146,7 +149,7 @@ def measure(kind: str, files: list[Path], args: argparse.Namespace,
             dtype: str = "float16") -> dict[str, float]:
     """One fresh-process measurement: load, load+prefetch, read (python) or cat."""
     if kind in ("load", "prefetch"):
-        code = LOAD_CHILD.format(root=str(ROOT), device=args.device, dtype=dtype,
+        code = LOAD_CHILD.format(device=args.device, dtype=dtype,
                                  model_dir=str(args.model_dir), warmup=args.warmup,
                                  prefetch=kind == "prefetch", files=list(map(str, files)))
         return child(code)[1]
@@ -184,7 +187,7 @@ def print_table(results: dict[str, list[dict]], total_bytes: int, args: argparse
 
     what = "load + touch" if args.device == "cpu" else "load (to the GPU, synchronized)"
     print(f"\n{args.device}, fp16, {total_bytes / 1e9:.2f} GB of model files, medians of "
-          f"{args.rounds} rounds; load = pipeline.load, compared as {what}; ready = process "
+          f"{args.rounds} rounds; load = pipeline.Engine.load, compared as {what}; ready = process "
           f"start to loaded{' and warmed' if args.warmup else ''}; goal: ready <= import + "
           f"1.5 x read{' + warm-up' if args.warmup else ''}")
     print("| cache | start-up | import s | load s | touch s | warm-up s | start→ready s | read s "
@@ -224,7 +227,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/sdxl-lightning-full"))
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
-                        help="time startup.warm_up too (default: on for cuda, off for cpu)")
+                        help="time Engine.warm_up too (default: on for cuda, off for cpu)")
     parser.add_argument("--fp32", action="store_true", help="also one fp32 CPU load")
     args = parser.parse_args()
     if args.warmup is None:

@@ -1,6 +1,7 @@
 """Encoding benchmark: ``encoding.encode`` against Pillow's default PNG and the other candidates.
 
-Usage: ``python bench/encode.py [--rounds N]`` (~30 s on 2 cores; exits 0). Prints, for a 1024x1024
+Usage: ``python -m bench.encode [--rounds N]``, from the repository root (~30 s on 2 cores;
+exits 0). ``encoding`` is ``worker/outputs/encoding.py``. Prints, for a 1024x1024
 generated-looking RGB image: median ms of N interleaved rounds (order shuffled per round, so drift
 on a shared machine hits every row alike), size in KiB, and the time ratio against Pillow's
 default PNG (``image.save(buf, "PNG")``, level 6) measured in the same rounds. Every PNG row is
@@ -23,13 +24,12 @@ import sys
 import time
 from collections.abc import Callable
 from importlib.metadata import version
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import encoding  # noqa: E402 - the repo root is on the path only after the line above
+from schemas import OUTPUT_FORMATS
+from worker.outputs import encoding
 
 BASELINE = "Pillow PNG default (level 6)"
 RUN_LIMIT = 10 * 1000 * 1000  # RunPod /run result limit, bytes
@@ -214,7 +214,7 @@ def payload_table() -> None:
         default = pillow(Image.fromarray(array), "PNG")()
         total = 4 * len(encoding.data_uri(default))
         sizes = [f"png Pillow default {total / 1e6:5.1f} MB{' OVER' if total > RUN_LIMIT else ''}"]
-        for fmt in encoding.FORMATS:
+        for fmt in OUTPUT_FORMATS:
             total = 4 * len(encoding.data_uri(encoding.encode(array, fmt, 90)))
             sizes.append(f"{fmt} {total / 1e6:5.1f} MB{' OVER' if total > RUN_LIMIT else ''}")
         print(f"{label:30} " + ", ".join(sizes))

@@ -1,7 +1,7 @@
 """Write a FULL-SIZE SDXL-Lightning model folder with random weights, for speed benchmarks.
 
 Timings do not depend on weight values, so this folder stands in for the real one where the real
-weights cannot be downloaded. It has exactly the layout of ``model_files.py`` and the real SDXL
+weights cannot be downloaded. It has exactly the layout of ``worker/spec.py`` and the real SDXL
 architecture (``/work/shared/notes/sdxl-architecture.md``):
 
     UNet 2.567 B parameters, fp16   sdxl_lightning_4step_unet.safetensors   (5.13 GB)
@@ -23,8 +23,8 @@ embeddings, ones for norm weights, zeros for biases: activations stay well insid
 Each file is written under a ``.part`` name and renamed; a ``.complete`` marker, written last,
 makes a finished folder a no-op on the next run. ~1 min and < 1 GB of RAM on 2 cores.
 
-Usage: ``python bench/full_model.py OUT_DIR [--verify]`` (--verify: ``pipeline.load`` it on the
-CPU in fp16 and check every file's key set against its module).
+Usage: ``python -m bench.full_model OUT_DIR [--verify]``, from the repository root (--verify:
+``pipeline.Engine.load`` it on the CPU in fp16 and check every file's key set against its module).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -43,12 +42,13 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import model_files  # noqa: E402 - the repo root is on the path only after the line above
-from builder import make_tiny_model  # noqa: E402
+from builder import make_tiny_model
+from worker.spec import CHECKPOINTS, TAESD_DIR, TEXT_ENCODER_WEIGHTS, VAE_WEIGHTS, ModelSpec
 
-log = logging.getLogger("full_model")
+log = logging.getLogger(__name__)
+
+# What the folder holds: the 4-step checkpoint and TAESDXL (VAE_DECODER=tiny), no safety checker.
+SPEC = ModelSpec(steps=(4,), tiny_decoder=True)
 
 VOCAB_SIZE = 49408  # CLIP's BPE vocabulary: 512 byte tokens + 48894 merges + 2 specials
 UNET_CONFIG: dict[str, object] = dict(
@@ -188,8 +188,7 @@ def write_tokenizer(folder: Path, pad_token: str) -> None:
 
 
 def is_complete(out: Path) -> bool:
-    return (out / MARKER).is_file() and not model_files.missing_files(out, (4,),
-                                                                      tiny_decoder=True)
+    return (out / MARKER).is_file() and not SPEC.missing(out)
 
 
 def build(out: Path, seed: int = 0) -> Path:
@@ -205,11 +204,11 @@ def build(out: Path, seed: int = 0) -> Path:
     write_tokenizer(out / "tokenizer", "<|endoftext|>")
     write_tokenizer(out / "tokenizer_2", "!")  # SDXL's tokenizer_2 pads with "!"
     pool = torch.randn(POOL_SIZE, generator=torch.Generator().manual_seed(seed)).half()
-    files = {"text_encoder": out / "text_encoder" / model_files.TEXT_ENCODER_WEIGHTS,
-             "text_encoder_2": out / "text_encoder_2" / model_files.TEXT_ENCODER_WEIGHTS,
-             "vae": out / "vae" / model_files.VAE_WEIGHTS,
-             "taesdxl": out / model_files.TAESD_DIR / model_files.VAE_WEIGHTS,
-             "unet": out / model_files.CHECKPOINTS[4]}
+    files = {"text_encoder": out / "text_encoder" / TEXT_ENCODER_WEIGHTS,
+             "text_encoder_2": out / "text_encoder_2" / TEXT_ENCODER_WEIGHTS,
+             "vae": out / "vae" / VAE_WEIGHTS,
+             "taesdxl": out / TAESD_DIR / VAE_WEIGHTS,
+             "unet": out / CHECKPOINTS[4]}
     for i, (component, path) in enumerate(files.items()):
         shapes, module = module_shapes(component)
         if component in ("unet", "vae", "taesdxl"):
@@ -234,29 +233,30 @@ def verify(out: Path) -> None:
     import pipeline
 
     started = time.perf_counter()
-    model = pipeline.load(out, (4,), torch.device("cpu"), torch.float16, tiny_decoder=True)
-    pipe = model.pipes[4]
-    for component, path in (("unet", out / model_files.CHECKPOINTS[4]),
-                            ("vae", out / "vae" / model_files.VAE_WEIGHTS),
-                            ("taesdxl", out / model_files.TAESD_DIR / model_files.VAE_WEIGHTS),
+    engine = pipeline.Engine.load(SPEC, out, torch.device("cpu"), torch.float16)
+    pipe = engine.pipes[4]
+    for component, path in (("unet", out / CHECKPOINTS[4]),
+                            ("vae", out / "vae" / VAE_WEIGHTS),
+                            ("taesdxl", out / TAESD_DIR / VAE_WEIGHTS),
                             ("text_encoder", out / "text_encoder" / "model.fp16.safetensors"),
                             ("text_encoder_2", out / "text_encoder_2" / "model.fp16.safetensors")):
         with safe_open(path, "pt") as f:
             keys = set(f.keys())
-        module = model.tiny_decoder if component == "taesdxl" else getattr(pipe, component)
+        module = engine.taesd if component == "taesdxl" else getattr(pipe, component)
         if keys != set(module.state_dict()):
             raise RuntimeError(f"{component}: the file's keys differ from the module's")
         log.info("verified %-14s %4d tensors, %s", component, len(keys),
                  next(module.parameters()).dtype)
     if len(pipe.tokenizer) != VOCAB_SIZE or len(pipe.tokenizer_2) != VOCAB_SIZE:
         raise RuntimeError("a tokenizer does not have 49408 tokens")
-    log.info("pipeline.load(cpu, fp16) took %.1f s", time.perf_counter() - started)
+    log.info("pipeline.Engine.load(cpu, fp16) took %.1f s", time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--verify", action="store_true", help="load it with pipeline.load")
+    parser.add_argument("--verify", action="store_true",
+                        help="load it with pipeline.Engine.load")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     build(args.out_dir)

@@ -1,14 +1,17 @@
 """Per-job overhead benchmark: the real handler's cost outside generation and encoding.
 
-Usage: ``python bench/overhead.py [--jobs 200] [--rounds 5]`` (~1 min on 2 cores; exits 0).
+Usage: ``python -m bench.overhead [--jobs 200] [--rounds 5]``, from the repository root (~1 min
+on 2 cores; exits 0).
 
-``import handler`` on the tiny model (CPU), then ``pipeline.generate_batch`` is replaced by a
-function returning precomputed 1024x1024 images at once and ``encoding.encode`` by one returning
-precomputed bytes, so a job's wall time is only what the handler adds: validation
-(``parse_request``), ``prepare`` in a thread (safety setting, ``resolve``, the prompt's CLIP token
-count), the GPU-executor hand-off, delivery in the encode pool, logging and the response. The
-prompt is counted by a full-size CLIP tokenizer (49408 tokens, ``bench/full_model.py``) put in
-the model's place, as the real worker's would.
+``import handler`` on the tiny model (CPU), then ``handler.ENGINE.run_batch`` (the raw batched
+pass under ``Engine.generate``) is replaced by a function returning precomputed 1024x1024 images
+at once and ``worker.outputs.encoding.encode`` by one returning precomputed bytes, so a job's wall
+time is only what the handler adds: validation (``parse_request``), ``prepare`` in a thread
+(``worker.inputs.prepare``: safety setting, ``resolve``, the prompt's CLIP token count), the GPU
+queue hand-off (with ``Engine.generate``'s policy around the fake), delivery in the delivery
+pool, logging and the response. The prompt is counted by a full-size CLIP tokenizer (49408
+tokens, ``bench/full_model.py``) put in the engine's place (``ENGINE._counter``, the copy that
+``count_tokens`` uses), as the real worker's would.
 
 Variants, interleaved in shuffled order within each round (``--jobs`` sequential jobs each):
 ``overhead``: ``encoding.data_uri`` replaced too, the goal's figure (<= 5 ms per job);
@@ -35,12 +38,11 @@ from typing import Any
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
-from bench import full_model  # noqa: E402 - the repo root is on the path only after the line above
+from bench import full_model  # noqa: E402 - after hiding CUDA, before torch is imported
 from bench.encode import make_image  # noqa: E402
 from builder import make_tiny_model  # noqa: E402
+from worker.spec import ModelSpec  # noqa: E402
 
 GOAL_MS = 5.0
 SIDE = 1024
@@ -68,24 +70,26 @@ class Fakes:
 def start_worker() -> tuple[Any, Fakes]:
     """Import the handler on a tiny model, with a full-size tokenizer and instant fakes."""
     tmp = Path(tempfile.mkdtemp(prefix="sdxl-overhead-"))
-    os.environ.update(MODEL_DIR=str(make_tiny_model.build(tmp / "tiny")),
+    os.environ.update(MODEL_DIR=str(make_tiny_model.build(tmp / "tiny", ModelSpec(steps=(4,)))),
                       DOWNLOAD_MISSING_WEIGHTS="false")
     from transformers import CLIPTokenizer
 
-    import encoding
     import handler
-    import pipeline
+    from worker.outputs import encoding
 
     for h in logging.getLogger().handlers:  # the log lines are formatted, then dropped
         if isinstance(h, logging.StreamHandler):
             h.setStream(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
     full_model.write_tokenizer(tmp / "tokenizer", "<|endoftext|>")
-    handler.MODEL.pipes[4].tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+    # Counting uses the engine's private copy made at load, not pipes[4].tokenizer: swap both.
+    tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+    handler.ENGINE.pipes[4].tokenizer = tokenizer
+    handler.ENGINE._counter = tokenizer
     image = Image.fromarray(make_image(size=SIDE))
     data = {"png": encoding.encode(image, "png"), "jpeg": encoding.encode(image, "jpeg", 90)}
     fakes = Fakes(encoding, encoding.data_uri,
                   {fmt: encoding.data_uri(d, fmt) for fmt, d in data.items()})
-    pipeline.generate_batch = lambda model, plans, on_step=None: [
+    handler.ENGINE.run_batch = lambda plans, on_step=None: [
         [image] * len(plan.seeds) for plan in plans]
     encoding.encode = lambda img, fmt="png", quality=90: data[fmt]
     return handler, fakes
@@ -132,27 +136,30 @@ async def amedian_ms(fn: Any, n: int = 300) -> float:
 
 async def parts(handler: Any, fakes: Fakes) -> dict[str, float]:
     """Each piece of a job alone, in ms (median)."""
-    import delivery
-    import pipeline
     from schemas import parse_request
+    from worker.inputs.prepare import prepare
 
+    engine, settings = handler.ENGINE, handler.SETTINGS
     fakes.use_real_data_uri(False)
     job = {"id": "p", "input": {**INPUT, "seed": 1}}
     request = parse_request(job["input"])
-    plan, _ = handler.prepare(request, job)
+
+    def prepare_job() -> tuple[Any, list[str]]:  # as the handler calls it
+        return prepare(request, engine.steps, settings.safety_mode, engine.count_tokens)
+
+    plan, _ = prepare_job()
     loop = asyncio.get_running_loop()
     data = fakes.encoding.encode(None, "png")
     return {
         "parse_request (validation)": median_ms(lambda: parse_request(job["input"])),
-        "prepare (resolve, token count)": median_ms(lambda: handler.prepare(request, job)),
-        "  of which prompt token count": median_ms(
-            lambda: pipeline.prompt_tokens(handler.MODEL, plan.prompt)),
+        "prepare (resolve, token count)": median_ms(prepare_job),
+        "  of which prompt token count": median_ms(lambda: engine.count_tokens(plan.prompt)),
         "asyncio.to_thread round trip": await amedian_ms(lambda: asyncio.to_thread(int)),
         "GPU executor round trip": await amedian_ms(
             lambda: asyncio.wrap_future(handler.GPU.submit(plan, None))),
+        # One image through the delivery pool, as Delivery.deliver runs it per image.
         "encode-pool round trip (deliver)": await amedian_ms(lambda: loop.run_in_executor(
-            handler.ENCODE_POOL, delivery.deliver, "image", 0, plan, "p", None,
-            handler.UPLOADER)),
+            handler.DELIVERY._pool, handler.DELIVERY._one, "image", 0, plan, "p", None)),
         "plan.parameters()": median_ms(plan.parameters),
         "data_uri png 2.3 MB (base64)": median_ms(
             lambda: fakes.real_data_uri(data, "png"), 50),

@@ -1,10 +1,10 @@
 """Throughput benchmark: jobs through the real handler at several concurrencies, and (with a
 GPU) the worker's pipeline against the plain model-card recipe.
 
-Usage:
-  ``python bench/throughput.py``                 CPU, tiny model (builder/make_tiny_model.py),
+Usage (from the repository root):
+  ``python -m bench.throughput``                 CPU, tiny model (builder/make_tiny_model.py),
                                                   512x512, 4 steps; both parts (~3 min)
-  ``python bench/throughput.py --device cuda``   GPU, full-size random-weight model
+  ``python -m bench.throughput --device cuda``   GPU, full-size random-weight model
                                                   (bench/full_model.py), 1024x1024, 4 steps
 
 Part 1, handler: ``import handler`` with ``MODEL_DIR`` set (the worker's own start: load and
@@ -16,7 +16,7 @@ pooled) and the mean jobs per GPU batch (``handler.GPU.batches_run``). A failed 
 and reported, not timed; its traceback is in the worker log (whose path is printed first).
 
 Part 2, recipes (batch 1 and 4, interleaved, ``torch.cuda.synchronize`` around each call):
-- ours: ``pipeline.generate_batch(handler.MODEL, ...)``, the worker's generation as configured
+- ours: ``handler.ENGINE.run_batch(...)``, the worker's generation as configured
   (on CUDA: channels_last and fused QKV; ``--compile``: torch.compile of the UNet);
 - ours + TAESDXL: the same with the tiny decoder swapped in (what ``VAE_DECODER=tiny`` runs);
 - plain: the model card's recipe, a stock ``StableDiffusionXLPipeline`` in fp16 with the stock
@@ -42,9 +42,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # TFLOP per image (4 UNet steps at batch 1 + one full VAE decode), from sdxl-architecture.md.
 TFLOP_PER_IMAGE = {512: 4 * 1.59 + 2.51, 768: 4 * 3.64 + 5.75, 1024: 4 * 6.76 + 10.47,
@@ -84,7 +81,10 @@ def import_handler(args: argparse.Namespace) -> Any:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the worker picks CUDA whenever it sees one
     if args.model == "tiny":
         from builder import make_tiny_model
-        model_dir = make_tiny_model.build(Path(tempfile.mkdtemp(prefix="sdxl-tiny-")) / "m")
+        from worker.spec import ModelSpec
+        # TAESDXL too: the recipe table swaps it in (load_taesd below).
+        model_dir = make_tiny_model.build(Path(tempfile.mkdtemp(prefix="sdxl-tiny-")) / "m",
+                                          ModelSpec(steps=(4,), tiny_decoder=True))
     else:
         from bench import full_model
         model_dir = full_model.build(args.model_dir)
@@ -96,7 +96,7 @@ def import_handler(args: argparse.Namespace) -> Any:
     started = time.perf_counter()
     import handler
     print(f"import handler (load + warm-up): {time.perf_counter() - started:.1f} s; model on "
-          f"{handler.MODEL.device}/{handler.MODEL.dtype}", flush=True)
+          f"{handler.ENGINE.device}/{handler.ENGINE.dtype}", flush=True)
     log_path = Path(tempfile.mkdtemp(prefix="sdxl-bench-")) / "worker.log"
     for h in logging.getLogger().handlers:  # the worker's log lines go to a file, not the table
         if isinstance(h, logging.StreamHandler):
@@ -182,9 +182,9 @@ def plain_recipe(handler: Any) -> Any:
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    import pipeline
+    from worker.engine.loading import load_unet
 
-    model, ours = handler.MODEL, handler.MODEL.pipes[4]
+    model, ours = handler.ENGINE, handler.ENGINE.pipes[4]
     model_dir = Path(os.environ["MODEL_DIR"])
     vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=model.dtype, force_upcast=True)
     if not vae.config.force_upcast:
@@ -194,22 +194,22 @@ def plain_recipe(handler: Any) -> Any:
         vae=vae.to(model.device), text_encoder=ours.text_encoder,
         text_encoder_2=ours.text_encoder_2, tokenizer=ours.tokenizer,
         tokenizer_2=ours.tokenizer_2,
-        unet=pipeline.load_unet(model_dir, 4, model.device, model.dtype),
+        unet=load_unet(model_dir, 4, model.device, model.dtype),
         scheduler=EulerDiscreteScheduler.from_config(scheduler.config,
                                                      timestep_spacing="trailing"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def tiny_decoder(handler: Any) -> Any:
+def load_taesd(handler: Any) -> Any:
     """TAESDXL as the worker loads it with VAE_DECODER=tiny (channels_last on CUDA)."""
     import torch
     from diffusers import AutoencoderTiny
 
-    import model_files
+    from worker.spec import TAESD_DIR
 
-    model = handler.MODEL
-    taesd = AutoencoderTiny.from_pretrained(Path(os.environ["MODEL_DIR"]) / model_files.TAESD_DIR,
+    model = handler.ENGINE
+    taesd = AutoencoderTiny.from_pretrained(Path(os.environ["MODEL_DIR"]) / TAESD_DIR,
                                             dtype=model.dtype).to(model.device).eval()
     if model.device.type == "cuda":
         taesd.to(memory_format=torch.channels_last)
@@ -220,12 +220,11 @@ def recipes(handler: Any, args: argparse.Namespace) -> dict[tuple[str, int], flo
     """Part 2; returns median seconds per (recipe, batch)."""
     import torch
 
-    import pipeline
-    from resolve import Plan
+    from worker.plan import Plan
 
-    model, plain, taesd = handler.MODEL, plain_recipe(handler), tiny_decoder(handler)
+    model, plain, taesd = handler.ENGINE, plain_recipe(handler), load_taesd(handler)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    own_decoder = model.tiny_decoder
+    own_decoder = model.taesd
 
     def run(recipe: str, batch: int) -> None:
         if recipe == "plain":
@@ -233,13 +232,13 @@ def recipes(handler: Any, args: argparse.Namespace) -> dict[tuple[str, int], flo
                   width=args.size, height=args.size,
                   generator=[torch.Generator(model.device).manual_seed(i) for i in range(batch)])
             return
-        model.tiny_decoder = taesd if recipe == "ours + TAESDXL" else None
+        model.taesd = taesd if recipe == "ours + TAESDXL" else None
         try:
-            pipeline.generate_batch(model, [Plan(
+            model.run_batch([Plan(
                 prompt=PROMPT, negative_prompt=None, width=args.size, height=args.size, steps=4,
                 guidance_scale=0.0, seeds=tuple(range(batch)))])
         finally:
-            model.tiny_decoder = own_decoder
+            model.taesd = own_decoder
 
     cells = [(r, b) for r in ("ours", "ours + TAESDXL", "plain") for b in args.batches]
     times: dict[tuple[str, int], list[float]] = {cell: [] for cell in cells}
