@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TINY_DIR ?= /tmp/sdxl-lightning-tiny
 
-.PHONY: run test lint clean
+.PHONY: run test test-fast test-unit lint clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	python3 -m venv $(VENV)
@@ -14,15 +14,23 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 # TINY=1: run on a tiny random model built on the spot (no GPU, no hub access, noise images).
 run: $(VENV)/.installed
 ifdef TINY
-	$(PY) builder/make_tiny_model.py $(TINY_DIR)
+	$(PY) -m builder.make_tiny_model $(TINY_DIR)
 	MODEL_DIR=$(TINY_DIR) $(PY) handler.py
 else
 	$(PY) handler.py
 endif
 
-# PYTEST_ARGS='-m "not slow"' skips the long fuzz and load proofs (CI runs everything).
+# Every kind: tests/unit, tests/integration and the slow tests/e2e proofs (what CI runs).
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast kinds: tests/unit and tests/integration (tiny model), without the e2e proofs.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Pure tests only: no torch, no model.
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
