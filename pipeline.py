@@ -169,29 +169,32 @@ class Engine:
                  on_step: StepCallback | None = None) -> list[list[Image.Image | None]]:
         """Plans of one ``shape_key`` as one batch, with the policy of the module docstring:
         image j of plan i at ``[i][j]``, ``None`` where the safety checker withheld it."""
+        count = sum(len(plan.seeds) for plan in plans)
         try:
-            try:
-                results = self.run_batch(plans, on_step)
-            except torch.cuda.OutOfMemoryError:
-                images = sum(len(plan.seeds) for plan in plans)
-                if images == 1:
-                    raise
-                log.warning("out of GPU memory for %d image(s): retrying one image at a time",
-                            images)
-                torch.cuda.empty_cache()
-                # Each image has its own generator: one at a time gives the same images.
-                results = [[self.run_batch([replace(plan, seeds=(seed,))])[0][0]
-                            for seed in plan.seeds] for plan in plans]
+            results = self._run_with_fallback(plans, on_step, count)
             for plan, images in zip(plans, results, strict=True):
                 if plan.safety_check:
                     images[:] = self._withhold_flagged(images)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            first = plans[0]
             raise GpuMemoryError(
-                f"out of GPU memory generating {sum(len(p.seeds) for p in plans)} image(s) at "
-                f"{first.width}x{first.height}: try fewer images or a smaller size") from None
+                f"out of GPU memory generating {count} image(s) at {plans[0].width}x"
+                f"{plans[0].height}: try fewer images or a smaller size") from None
         return results
+
+    def _run_with_fallback(self, plans: Sequence[Plan], on_step: StepCallback | None,
+                           count: int) -> list[list[Image.Image]]:
+        """One batch; out of GPU memory with several images, free the cache and run them one
+        at a time, once (each image has its own generator: the images are the same)."""
+        try:
+            return self.run_batch(plans, on_step)
+        except torch.cuda.OutOfMemoryError:
+            if count == 1:
+                raise
+            log.warning("out of GPU memory for %d image(s): retrying one image at a time", count)
+            torch.cuda.empty_cache()
+            return [[self.run_batch([replace(plan, seeds=(seed,))])[0][0]
+                     for seed in plan.seeds] for plan in plans]
 
     def _withhold_flagged(self, images: list[Image.Image]) -> list[Image.Image | None]:
         if self.checker is None:
