@@ -30,7 +30,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ import pytest
 from PIL import Image
 
 from tests.support.fake_runpod import FakeRunPod, JobRecord
+from tests.support.loopback import free_port
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -343,12 +343,6 @@ def ok(seed: int, marker: str = "") -> dict[str, Any]:
     return {"prompt": f"a fox {marker}".strip(), "width": 512, "height": 512, "seed": seed}
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 class TestFaults:
     def test_bad_and_corrupt_inputs_fail_alone(self, rig: FaultRig) -> None:
@@ -410,7 +404,7 @@ class TestFaults:
 
     def test_failing_bucket_fails_only_its_job(self, rig: FaultRig) -> None:
         s3 = {"accessId": "key-id", "accessSecret": "secret", "bucketName": "fault-bucket",
-              "endpointUrl": f"http://127.0.0.1:{closed_port()}/fault-bucket"}
+              "endpointUrl": f"http://127.0.0.1:{free_port()}/fault-bucket"}
         first = rig.add(ok(60))
         failing = rig.add(ok(61), s3Config=s3)
         last = rig.add(ok(62))

@@ -15,7 +15,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.support.example_client import ROOT, client, free_port, saved
+from tests.support.example_client import ROOT, client, saved
+from tests.support.loopback import free_port
 
 SERVER_START_TIMEOUT_S = 240  # imports torch and loads the tiny model: ~10-20 s, slower if busy
 

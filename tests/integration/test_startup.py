@@ -17,6 +17,7 @@ import pytest
 import pipeline
 from builder import make_tiny_model
 from tests.support.fake_hub import FakeHub, files_of, serving_hub
+from tests.support.model_folder import fill_hf_cache
 from worker import location, startup
 from worker.errors import StartupError
 from worker.settings import Settings
@@ -93,11 +94,8 @@ class TestRunpodModelCache:
     def test_a_folder_assembled_from_the_cache_loads(self, tmp_path: Path,
                                                      tiny_model_dir: Path) -> None:
         spec = ModelSpec(steps=(4,))
-        cache = tmp_path / "huggingface-cache" / "hub"
-        for f in spec.files():
-            target = location.hf_cache_path(cache, f)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes((tiny_model_dir / f.path).read_bytes())
+        fill_hf_cache(tmp_path / "huggingface-cache" / "hub", spec,
+                      lambda f: (tiny_model_dir / f.path).read_bytes())
         found, source = location.locate(None, spec, volume_root=tmp_path,
                                         baked_dir=tmp_path / "baked")
         assert source.startswith("RunPod model cache")

@@ -4,7 +4,6 @@ its tests share."""
 from __future__ import annotations
 
 import importlib.util
-import socket
 from pathlib import Path
 from types import ModuleType
 
@@ -26,9 +25,3 @@ def saved(out: Path) -> list[Path]:
     """The files the client saved into ``out``, by name."""
     return sorted(out.iterdir()) if out.exists() else []
 
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -8,35 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.support.model_folder import fill_folder, fill_hf_cache
 from worker import location
 from worker.spec import ModelSpec
 
 SPEC = ModelSpec(steps=(4,))
 
 
-def fill(folder: Path, spec: ModelSpec = SPEC) -> Path:
-    for f in spec.files():
-        (folder / f.path).parent.mkdir(parents=True, exist_ok=True)
-        (folder / f.path).write_bytes(b"x")
-    return folder
-
-
-def fill_cache(cache: Path, spec: ModelSpec = SPEC) -> None:
-    """The Hugging Face cache layout RunPod's cached models use, at the pinned revisions."""
-    for f in spec.files():
-        target = location.hf_cache_path(cache, f)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(f.path.encode())
-
-
 class TestOrder:
     def test_model_dir_wins(self, tmp_path: Path) -> None:
-        fill(tmp_path / "sdxl-lightning")
+        fill_folder(tmp_path / "sdxl-lightning", SPEC)
         assert location.locate(tmp_path / "mine", SPEC, volume_root=tmp_path) == (
             tmp_path / "mine", "MODEL_DIR")
 
     def test_network_volume_before_baked(self, tmp_path: Path) -> None:
-        fill(tmp_path / "volume" / "sdxl-lightning")
+        fill_folder(tmp_path / "volume" / "sdxl-lightning", SPEC)
         found = location.locate(None, SPEC, volume_root=tmp_path / "volume",
                                 baked_dir=tmp_path / "baked")
         assert found == (tmp_path / "volume" / "sdxl-lightning", "network volume")
@@ -47,7 +33,7 @@ class TestOrder:
         assert found == (tmp_path / "baked", "baked folder")
 
     def test_a_volume_without_a_component_the_spec_needs_is_skipped(self, tmp_path: Path) -> None:
-        fill(tmp_path / "sdxl-lightning")  # no safety checker in it
+        fill_folder(tmp_path / "sdxl-lightning", SPEC)  # no safety checker in it
         found = location.locate(None, ModelSpec(steps=(4,), safety_checker=True),
                                 volume_root=tmp_path, baked_dir=tmp_path / "baked")
         assert found[1] == "baked folder"
@@ -60,7 +46,7 @@ class TestOrder:
 class TestRunpodModelCache:
     def test_a_folder_of_links_is_assembled_from_the_pinned_revisions(
             self, tmp_path: Path) -> None:
-        fill_cache(tmp_path / "huggingface-cache" / "hub")
+        fill_hf_cache(tmp_path / "huggingface-cache" / "hub", SPEC)
         found, source = location.locate(None, SPEC, volume_root=tmp_path,
                                         baked_dir=tmp_path / "baked")
         assert source.startswith("RunPod model cache")
@@ -70,13 +56,13 @@ class TestRunpodModelCache:
             assert (found / f.path).read_bytes() == f.path.encode()
 
     def test_cache_missing_a_checkpoint_is_not_used(self, tmp_path: Path) -> None:
-        fill_cache(tmp_path / "huggingface-cache" / "hub")
+        fill_hf_cache(tmp_path / "huggingface-cache" / "hub", SPEC)
         found, source = location.locate(None, ModelSpec(steps=(2, 4)), volume_root=tmp_path,
                                         baked_dir=tmp_path / "baked")
         assert source == "baked folder"
 
     def test_locating_twice_reuses_one_linked_folder(self, tmp_path: Path) -> None:
-        fill_cache(tmp_path / "huggingface-cache" / "hub")
+        fill_hf_cache(tmp_path / "huggingface-cache" / "hub", SPEC)
         first = location.locate(None, SPEC, volume_root=tmp_path, baked_dir=tmp_path / "b")
         second = location.locate(None, SPEC, volume_root=tmp_path, baked_dir=tmp_path / "b")
         assert first == second and SPEC.missing(first[0]) == []

@@ -6,15 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.model_folder import fill_folder
 from worker import prefetch
 from worker.spec import ModelSpec
-
-
-def fake_folder(folder: Path, spec: ModelSpec) -> Path:
-    for f in spec.files():
-        (folder / f.path).parent.mkdir(parents=True, exist_ok=True)
-        (folder / f.path).write_bytes(f.path.encode())
-    return folder
 
 
 class TestPrefetch:
@@ -26,7 +20,7 @@ class TestPrefetch:
     def test_reads_every_file_of_the_settings_spec_in_load_order(
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
             spec: ModelSpec) -> None:
-        folder = fake_folder(tmp_path, ModelSpec(steps=(1, 2, 4, 8), safety_checker=True,
+        folder = fill_folder(tmp_path, ModelSpec(steps=(1, 2, 4, 8), safety_checker=True,
                                                  tiny_decoder=True))
         read: list[Path] = []
         monkeypatch.setattr(prefetch, "_read", lambda paths: read.extend(paths))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from builder import add_spec_arguments, spec_from_args
+from tests.support.model_folder import fill_folder
 from worker.spec import CHECKPOINTS, ModelSpec
 
 
@@ -51,10 +52,7 @@ class TestFiles:
 class TestMissing:
     def test_absent_and_empty_files_are_missing(self, tmp_path: Path) -> None:
         spec = ModelSpec()
-        for f in spec.files():
-            (tmp_path / f.path).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / f.path).write_bytes(b"x")
-        assert spec.missing(tmp_path) == []
+        assert spec.missing(fill_folder(tmp_path, spec)) == []
         (tmp_path / "vae" / "config.json").write_bytes(b"")
         (tmp_path / CHECKPOINTS[4]).unlink()
         assert spec.missing(tmp_path) == ["vae/config.json", CHECKPOINTS[4]]
