@@ -14,9 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from schemas import DEFAULT_STRENGTH, MAX_SIDE, MIN_SIDE, SEED_LIMIT, SIDE_MULTIPLE, GenerateRequest
+from schemas import (
+    DEFAULT_STRENGTH,
+    MAX_SIDE,
+    MIN_SIDE,
+    SCHEDULERS,
+    SEED_LIMIT,
+    SIDE_MULTIPLE,
+    GenerateRequest,
+)
 from worker.errors import InputError
-from worker.spec import CHECKPOINTS, MODEL_NAME
+from worker.spec import CHECKPOINTS, MODEL_NAME, X0_PREDICTION_STEPS
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in this run): per-step progress
 
@@ -24,6 +32,10 @@ StepCallback = Callable[[int, int], None]  # (steps done, steps in this run): pe
 # negative prompt is never encoded and the value changes nothing.
 CFG_THRESHOLD = 1.0
 DEFAULT_SIDE = 1024  # Lightning's training resolution
+# Schedulers that cannot step an x0-prediction (prediction_type "sample") checkpoint: diffusers'
+# EulerAncestralDiscreteScheduler raises NotImplementedError and PNDMScheduler ValueError for it.
+# tests/integration/test_modes.py runs every scheduler with every checkpoint to keep this true.
+X0_UNSUPPORTED = frozenset({"K_EULER_ANCESTRAL", "PNDM"})
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,20 @@ def resolve_steps(requested: int, available: tuple[int, ...]) -> tuple[int, str 
     return chosen, (f"num_inference_steps {requested} was resolved to {chosen}: each Lightning "
                     f"checkpoint runs only its own step count (loaded: "
                     f"{', '.join(map(str, available))})")
+
+
+def schedulers_for(steps: int) -> tuple[str, ...]:
+    """The schedulers that run the ``steps`` checkpoint, in the API's order."""
+    refused = X0_UNSUPPORTED if steps in X0_PREDICTION_STEPS else frozenset()
+    return tuple(name for name in SCHEDULERS if name not in refused)
+
+
+def check_scheduler(scheduler: str, steps: int) -> None:
+    """Refuse a scheduler the resolved checkpoint cannot run, naming the pair and the choices."""
+    if scheduler not in schedulers_for(steps):
+        raise InputError(f"invalid input: scheduler {scheduler!r} cannot run the {steps}-step "
+                         f"checkpoint ({CHECKPOINTS[steps]}, x0-prediction); with {steps} "
+                         f"step(s) use one of: {', '.join(schedulers_for(steps))}")
 
 
 def _guidance(req: GenerateRequest) -> tuple[float, str | None, list[str]]:
@@ -170,7 +196,7 @@ def resolve(req: GenerateRequest, available_steps: tuple[int, ...], *, safety_mo
 
     ``safety_mode`` is the worker's ``SAFETY_CHECKER`` setting; ``image_size`` the decoded init
     image's size (img2img and inpainting). Raises ``InputError`` for a strength too small to
-    run a single step.
+    run a single step and for a scheduler the resolved checkpoint cannot run.
     """
     warnings: list[str] = []
     if image_size is not None:
@@ -185,6 +211,7 @@ def resolve(req: GenerateRequest, available_steps: tuple[int, ...], *, safety_mo
                           f"({image_size[0]}x{image_size[1]}), fitted to {MIN_SIDE}-{MAX_SIDE} "
                           f"in multiples of {SIDE_MULTIPLE}"), None
     steps, s_warn = resolve_steps(req.num_inference_steps, available_steps)
+    check_scheduler(req.scheduler, steps)
     strength, strength_warnings = resolve_strength(req, steps)
     guidance, negative, g_warnings = _guidance(req)
     checked, safety_warnings = resolve_safety(safety_mode, req)

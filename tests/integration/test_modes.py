@@ -15,7 +15,8 @@ from builder import make_tiny_model
 from pipeline import Engine
 from schemas import SCHEDULERS, parse_request
 from worker.engine import decode
-from worker.plan import Plan, resolve
+from worker.errors import InputError
+from worker.plan import Plan, resolve, schedulers_for
 from worker.spec import ModelSpec
 
 # UNet evaluations of each scheduler for a 4-step run (the README's table).
@@ -202,3 +203,30 @@ class TestSpeedOptions:
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)
         after = np.asarray(generate(model, txt2img(seeds=(3,)))[0], np.int16)
         assert np.abs(before - after).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def every_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    spec = ModelSpec(steps=(1, 2, 4, 8))
+    return Engine.load(spec, make_tiny_model.build(tmp_path_factory.mktemp("all") / "m", spec))
+
+
+class TestEverySchedulerWithEveryCheckpoint:
+    """Each pair either runs or is refused up front (worker/plan.py), never fails on the GPU."""
+
+    @pytest.mark.parametrize("steps", [1, 2, 4, 8])
+    @pytest.mark.parametrize("name", SCHEDULERS)
+    def test_pair_runs_or_is_refused_before_the_gpu(self, every_checkpoint: Engine, name: str,
+                                                    steps: int) -> None:
+        plan = txt2img(steps=steps, scheduler=name, width=512, height=512)
+        if name in schedulers_for(steps):
+            image = generate(every_checkpoint, plan)[0]
+            assert image.size == (512, 512)
+            assert np.asarray(image).std() > 0
+            return
+        # The refusal is what diffusers itself does with this pair, not a guess.
+        with pytest.raises((NotImplementedError, ValueError), match="sample"):
+            generate(every_checkpoint, plan)
+        with pytest.raises(InputError, match=f"cannot run the {steps}-step checkpoint"):
+            resolve(parse_request({"prompt": "p", "num_inference_steps": steps,
+                                   "scheduler": name}), (1, 2, 4, 8))

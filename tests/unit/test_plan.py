@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from schemas import SEED_LIMIT, parse_request
+from schemas import SCHEDULERS, SEED_LIMIT, parse_request
 from worker.errors import InputError
 from worker.plan import (
     draw_seed,
     resolve,
     resolve_safety,
     resolve_steps,
+    schedulers_for,
     sizes_from_image,
     snap_side,
     warmup_plan,
@@ -68,6 +69,31 @@ class TestSteps:
         plan, _ = plan_for(num_inference_steps=8)
         assert plan.parameters()["checkpoint"] == "sdxl_lightning_4step_unet.safetensors"
         assert plan.parameters()["num_inference_steps"] == 4
+
+
+class TestSchedulerCheckpointPairs:
+    @pytest.mark.parametrize("name", ["K_EULER_ANCESTRAL", "PNDM"])
+    def test_x0_checkpoint_refuses_schedulers_that_cannot_step_it(self, name: str) -> None:
+        with pytest.raises(InputError) as caught:
+            plan_for(available=(1, 4), num_inference_steps=1, scheduler=name)
+        assert str(caught.value) == (
+            f"invalid input: scheduler {name!r} cannot run the 1-step checkpoint "
+            "(sdxl_lightning_1step_unet_x0.safetensors, x0-prediction); with 1 step(s) use one "
+            "of: K_EULER, DDIM, DPMSolverMultistep, KarrasDPM, DPM++2MSDE, HeunDiscrete")
+
+    def test_refusal_follows_the_resolved_checkpoint_not_the_request(self) -> None:
+        # 3 steps resolve to 4 here: ancestral runs; on a 1-step-only worker it is refused.
+        plan, _ = plan_for(available=(1, 4), num_inference_steps=3, scheduler="K_EULER_ANCESTRAL")
+        assert (plan.steps, plan.scheduler) == (4, "K_EULER_ANCESTRAL")
+        with pytest.raises(InputError, match="cannot run the 1-step checkpoint"):
+            plan_for(available=(1,), num_inference_steps=4, scheduler="k_euler_ancestral")
+
+    @pytest.mark.parametrize("steps", [2, 4, 8])
+    def test_epsilon_checkpoints_run_every_scheduler(self, steps: int) -> None:
+        assert schedulers_for(steps) == SCHEDULERS
+
+    def test_default_scheduler_runs_every_checkpoint(self) -> None:
+        assert all("K_EULER" in schedulers_for(steps) for steps in (1, 2, 4, 8))
 
 
 class TestGuidance:
