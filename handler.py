@@ -32,7 +32,7 @@ import runpod
 
 import pipeline
 from schemas import parse_request
-from worker.errors import InputError, JobError, StartupError
+from worker.errors import InputError, JobError, StartupError, bug_report
 from worker.gpu_queue import GpuWorker
 from worker.inputs.prepare import prepare
 from worker.outputs import delivery, upload
@@ -70,7 +70,8 @@ def failed(job_id: str, exc: JobError) -> dict[str, Any]:
 
 
 def internal(job_id: str, exc: Exception, stage: str, on_gpu: bool) -> dict[str, Any]:
-    log.error("job %s: %s failed", job_id, stage, exc_info=exc)
+    log.error("job %s: %s failed: %s", job_id, stage, bug_report(exc))  # no caller text
+    log.debug("job %s: %s", job_id, exc)
     reply: dict[str, Any] = {"error": f"internal error: {type(exc).__name__}"}
     return (reply | {"refresh_worker": True}) if on_gpu else reply
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
+from itertools import compress
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -171,6 +172,32 @@ def _describe(error: Mapping[str, Any]) -> str:
            f"{RULES.get(field, 'see the API table')}"
 
 
+# No field needs more than one level (Cloudflare's byte-array image is a flat list of numbers);
+# the limit leaves room for structured fields. Deeper values are refused before anything walks
+# them recursively: pydantic's error repr and the alias comparison hit Python's 1,000-frame limit
+# (RecursionError) at ~1,000 levels.
+MAX_NESTING = 8
+_CONTAINER = frozenset({dict, list, tuple}).__contains__  # exact types: what JSON decodes to
+
+
+def nests_deeper(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether ``value`` has lists/objects more than ``limit`` levels inside each other.
+
+    Level by level, without recursion; a flat list is scanned at C speed (``map``/``compress``),
+    so a 5-million-entry byte array costs a fraction of a second, not a Python loop per entry.
+    """
+    level = [value] if _CONTAINER(type(value)) else []
+    for _ in range(limit):
+        inner: list[Any] = []
+        for item in level:
+            children = list(item.values()) if isinstance(item, dict) else item
+            inner.extend(compress(children, map(_CONTAINER, map(type, children))))
+        if not inner:
+            return False
+        level = inner
+    return bool(level)
+
+
 MAX_NAMED_UNKNOWN = 5  # a job of a million junk keys must still get a short error
 
 
@@ -203,6 +230,11 @@ def parse_request(raw: Any) -> GenerateRequest:
     """Validate ``job["input"]``; raises ``InputError`` with a caller-facing message."""
     if not isinstance(raw, Mapping):
         raise InputError(f"invalid input: expected a JSON object, got {type(raw).__name__}")
+    for key, value in raw.items():
+        if nests_deeper(value):
+            raise InputError(f"invalid input: {shown(key)} nests lists or objects more than "
+                             f"{MAX_NESTING} levels deep; no field takes more than one level "
+                             f"(see the API table)")
     merged = merge_aliases(raw)
     try:
         return GenerateRequest.model_validate(merged)

@@ -17,6 +17,7 @@ No third-party imports.
 from __future__ import annotations
 
 import re
+import traceback
 from typing import Any
 
 MIB = 1024 * 1024  # image inputs are limited in MiB; result sizes are counted in MB (10^6 bytes)
@@ -57,3 +58,21 @@ def size_text(count: int) -> str:
     if count >= 1024:
         return f"{count / 1024:.1f}".removesuffix(".0") + " KiB"
     return f"{count} bytes"
+
+
+def bug_report(exc: BaseException) -> str:
+    """A bug's exception types and stack frames for the log, without the messages.
+
+    Messages may quote the caller's input (pydantic's ``input_value``, a prompt, a URL), which
+    no log record at INFO or above may carry; the frames (file, line, source) say where it broke.
+    """
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:  # the chain, newest first
+        seen.add(id(current))
+        frames = "".join(traceback.format_tb(current.__traceback__))
+        parts.append(f"{type(current).__name__} (message at DEBUG)\n{frames}".rstrip())
+        current = current.__cause__ or (None if current.__suppress_context__
+                                        else current.__context__)
+    return "\n  which came from: ".join(parts)

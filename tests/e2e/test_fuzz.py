@@ -24,6 +24,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import re
 import struct
 import zlib
@@ -122,10 +123,33 @@ def fast_and_offline(handler: ModuleType) -> Iterator[None]:
 RunJob = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+class _Loud(logging.Handler):
+    """Every record at INFO and above, formatted with its traceback, as the worker logs it."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
 @pytest.fixture(scope="module")
 def run_job(handler: ModuleType) -> RunJob:
-    """What the SDK posts to RunPod for ``job`` (module scope: hypothesis reuses it)."""
-    return lambda job: asyncio.run(rp_job.run_job(handler.handler, job))
+    """What the SDK posts to RunPod for ``job`` (module scope: hypothesis reuses it); fails the
+    example if a log record at INFO or above carries the caller's text."""
+    def run(job: dict[str, Any]) -> dict[str, Any]:
+        loud = _Loud()
+        logging.getLogger().addHandler(loud)
+        try:
+            result = asyncio.run(rp_job.run_job(handler.handler, job))
+        finally:
+            logging.getLogger().removeHandler(loud)
+        leaks = [line for line in loud.lines if CALLER_MARK in line]
+        assert not leaks, f"caller text in the log: {leaks[0][:300]}"
+        return result
+    return run
 
 
 def check(job: dict[str, Any], result: Any) -> None:
@@ -187,8 +211,12 @@ NUMERIC_TEXT = st.sampled_from([
     "512", " 512 ", "512.0", "512.5", "1e3", "0x200", "0o10", "0b1", "-1", "+8", "1_024", "٥١٢",
     "５１２", "NaN", "nan", "inf", "-Infinity", "1e309", "4294967295", "4294967296", "-0", "0",
     "9" * 400, "512\x00", "4", "0.8", "20", "20.000001"])
+# Caller text carrying this mark appears in every strategy below; no log record at INFO or above
+# may contain it, whatever path the job takes (the run_job fixture checks every example).
+CALLER_MARK = "qz-caller-7f3"
+MARKED = st.builds(lambda a, b: f"{a}{CALLER_MARK}{b}", st.text(max_size=8), st.text(max_size=8))
 TEXT = st.one_of(st.text(max_size=40), HOSTILE_TEXT, NUMERIC_TEXT, SURROGATES,
-                 st.text(st.characters(codec="utf-8"), max_size=40))
+                 st.text(st.characters(codec="utf-8"), max_size=40), MARKED)
 # Long strings built, not drawn (hypothesis draws at most a few KB): up to 50k characters,
 # around the 10,000-character prompt limit too.
 HUGE_TEXT = st.builds(lambda unit, n: (unit * n)[:n],
@@ -203,8 +231,19 @@ FLOATS = st.one_of(
     st.sampled_from([float("nan"), float("inf"), float("-inf"), -0.0, 5e-324, 1e308, 0.25,
                      0.2499, 0.5, 1.0, 1.0000001, 20.0, 20.000001, 512.0, 512.5, 4.0]))
 SCALARS = st.one_of(st.none(), st.booleans(), INTS, FLOATS, TEXT)
-JUNK = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(TEXT, inner, max_size=4)), max_leaves=12)
+
+
+def nest(levels: int, kind: str, leaf: Any) -> Any:
+    """``leaf`` inside ``levels`` lists or objects (~1,000 levels was a RecursionError)."""
+    for _ in range(levels):
+        leaf = [leaf] if kind == "list" else {CALLER_MARK: leaf}
+    return leaf
+
+
+DEEP = st.builds(nest, st.one_of(st.integers(2, 12), st.integers(900, 3_000)),
+                 st.sampled_from(["list", "dict"]), st.one_of(SCALARS, MARKED))
+JUNK = st.one_of(st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(TEXT, inner, max_size=4)), max_leaves=12), DEEP)
 
 
 # --- strategies: images ----------------------------------------------------------------------

@@ -147,7 +147,7 @@ class TestErrors:
         monkeypatch.undo()
         assert "images" in run(width=512, height=512)
 
-    @pytest.mark.parametrize("bug", [ValueError("a numpy bug"), KeyError("x"),
+    @pytest.mark.parametrize("bug", [ValueError("a numpy bug"), KeyError("bug key 7x"),
                                      OverflowError("a PIL bug")])
     def test_a_bug_while_preparing_the_input_is_internal_never_a_rejection(
             self, run: Run, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
@@ -161,9 +161,40 @@ class TestErrors:
         # Not the caller's fault, and the GPU was never touched: no new worker either.
         assert response == {"error": f"internal error: {type(bug).__name__}"}
         assert "rejected" not in caplog.text
-        assert "preparing the input failed" in caplog.text and "Traceback" in caplog.text
+        # Where it broke (the frame), not what it said: a message may quote the input.
+        assert "preparing the input failed" in caplog.text and "in broken" in caplog.text
+        assert str(bug.args[0]) not in "".join(
+            r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
         monkeypatch.undo()
         assert "images" in run(width=512, height=512)
+
+    def test_a_bug_quoting_the_prompt_logs_no_caller_text_at_info(
+            self, run: Run, monkeypatch: pytest.MonkeyPatch,
+            caplog: pytest.LogCaptureFixture) -> None:
+        def broken(request: Any, *args: Any, **kwargs: Any) -> None:
+            raise ValueError(f"input_value={request.prompt!r}")  # as pydantic's errors do
+
+        monkeypatch.setattr(prepare, "resolve", broken)
+        caplog.set_level(logging.DEBUG)
+        assert run(prompt="caller text 91f3") == {"error": "internal error: ValueError"}
+        loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        quiet = [r.getMessage() for r in caplog.records if r.levelno < logging.INFO]
+        assert any("generating" in m or "preparing the input failed" in m for m in loud)
+        assert not any("caller text 91f3" in m for m in loud)
+        assert any("caller text 91f3" in m for m in quiet)  # the operator can still see it
+
+    @pytest.mark.parametrize("field", ["prompt", "seed", "image", "unknown_field"])
+    def test_deep_json_is_a_validation_error_not_a_recursion_error(
+            self, call: Call, field: str, caplog: pytest.LogCaptureFixture) -> None:
+        deep: Any = "x"
+        for _ in range(1_000):  # RecursionError in pydantic's error repr, before the fix
+            deep = [deep]
+        caplog.set_level(logging.INFO)
+        response = call({"input": {"prompt": "p", field: deep}})
+        assert response == {"error": f"invalid input: '{field}' nests lists or objects more "
+                                     f"than 8 levels deep; no field takes more than one level "
+                                     f"(see the API table)"}
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
     def test_a_bug_while_delivering_is_internal_without_a_new_worker(
             self, run: Run, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ from worker.errors import (
     ModelFolderError,
     StartupError,
     brief_reason,
+    bug_report,
     shown,
     size_text,
 )
@@ -66,3 +67,31 @@ class TestSniff:
     @pytest.mark.parametrize("data", [b"", b"hello", b"RIFF\0\0\0\0WAVE", b"BM\1\1\1\1\1\1\1\1"])
     def test_anything_else_is_none(self, data: bytes) -> None:
         assert sniff(data) is None
+
+
+class TestBugReport:
+    def test_frames_and_types_without_any_message(self) -> None:
+        def inner(prompt: str) -> None:
+            raise ValueError(f"input_value={prompt!r}")
+
+        marker = "-".join(["caller", "text", "5c1"])  # in no source line the frames quote
+        try:
+            try:
+                inner(marker)
+            except ValueError as exc:
+                raise KeyError(marker) from exc
+        except KeyError as exc:
+            report = bug_report(exc)
+        assert marker not in report
+        assert report.startswith("KeyError (message at DEBUG)")
+        assert "which came from: ValueError (message at DEBUG)" in report
+        assert "in inner" in report and "test_errors_and_formats.py" in report
+
+    def test_a_suppressed_context_is_left_out(self) -> None:
+        try:
+            try:
+                raise OSError("first")
+            except OSError:
+                raise RuntimeError("second") from None
+        except RuntimeError as exc:
+            assert "OSError" not in bug_report(exc)

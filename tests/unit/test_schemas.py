@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from schemas import MAX_PROMPT_CHARS, SEED_LIMIT, parse_request
+from schemas import MAX_NESTING, MAX_PROMPT_CHARS, SEED_LIMIT, nests_deeper, parse_request
 from worker.errors import InputError
 
 NUMERIC = ["height", "width", "num_inference_steps", "guidance_scale", "seed", "num_images"]
@@ -132,3 +132,32 @@ class TestAliases:
         with pytest.raises(InputError) as info:
             parse_request({"prompt": ""})
         assert not isinstance(info.value, ValueError)
+
+
+class TestNesting:
+    @pytest.mark.parametrize(("value", "depth"), [
+        ("x", 0), ([], 1), ([1, 2], 1), ({"a": 1}, 1), ([[1]], 2), ({"a": [{"b": [1]}]}, 4),
+        ([1, [2, [3]]], 3), ((1, (2,)), 2)])
+    def test_depth_is_counted_level_by_level(self, value: object, depth: int) -> None:
+        assert nests_deeper(value, depth - 1) if depth else not nests_deeper(value, 0)
+        assert not nests_deeper(value, depth)
+
+    @pytest.mark.parametrize("levels", [MAX_NESTING + 1, 1_000, 100_000])
+    def test_over_deep_values_are_refused_without_recursion(self, levels: int) -> None:
+        deep: object = 1
+        for _ in range(levels):
+            deep = {"k": deep} if levels % 2 else [deep]
+        with pytest.raises(InputError) as caught:
+            parse_request({"prompt": "p", "seed": deep})
+        assert str(caught.value).startswith(
+            f"invalid input: 'seed' nests lists or objects more than {MAX_NESTING} levels deep")
+
+    def test_the_limit_itself_is_judged_by_the_field_rules(self) -> None:
+        deep: object = 1
+        for _ in range(MAX_NESTING):
+            deep = [deep]
+        with pytest.raises(InputError, match=r"^invalid input: seed=\[\[\[\["):
+            parse_request({"prompt": "p", "seed": deep})
+
+    def test_a_wide_flat_byte_array_is_not_deep(self) -> None:
+        assert not nests_deeper(list(range(256)) * 4_000, 1)
