@@ -16,6 +16,8 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -587,6 +589,54 @@ class TestResponses:
             f"whole download)")
         server.close()  # joins the handler: ``sent`` is final
         assert 0 < server.sent["/drip"] < 200
+
+    def test_a_slow_resolver_counts_in_the_deadline(self) -> None:
+        # getaddrinfo cannot be interrupted: before, its whole delay came on top of the limit.
+        release = threading.Event()
+        calls: list[str] = []
+
+        def stuck(host: str, port: int) -> list[str]:
+            calls.append(host)
+            release.wait(10)
+            return [PUBLIC_IP]
+
+        network = Network()
+        limits = InputLimits(url_timeout_s=0.3)
+        try:
+            assert message("https://slow-dns.example/a.png", limits, resolver=stuck,
+                           opener=network) == ("image: fetching https://slow-dns.example timed "
+                                               "out (limit 0.3 s for the whole download)")
+        finally:
+            release.set()
+        assert calls == ["slow-dns.example"] and network.dialled == []
+
+    def test_resolver_time_of_every_redirect_hop_counts(self, server: LocalServer) -> None:
+        # Each lookup alone is within the limit; together with the redirect they are not.
+        server.routes["/hop"] = Route(status=302, headers={
+            "Location": server.url("/image.png", "second.example")})
+        lookups: list[str] = []
+
+        def slow(host: str, port: int) -> list[str]:
+            lookups.append(host)
+            time.sleep(0.2)
+            return ["127.0.0.1"]
+
+        limits = InputLimits(allow_http=True, allow_private=True, url_timeout_s=0.3)
+        assert message(server.url("/hop", "first.example"), limits, resolver=slow) == (
+            f"image: fetching http://second.example:{server.port} timed out (limit 0.3 s for "
+            f"the whole download)")
+        assert lookups == ["first.example", "second.example"]
+        assert [path for path, _ in server.requests] == ["/hop"]
+
+    def test_no_log_record_at_info_names_the_callers_host(
+            self, server: LocalServer, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.INFO, logger="worker.inputs")
+        limits = InputLimits(allow_http=True)
+        names = resolver({"caller-host.example": ["127.0.0.1"]})
+        message(server.url("/image.png", "caller-host.example"), limits, resolver=names)
+        fetched(server.url("/image.png"), LOCAL)
+        assert caplog.records and "caller-host" not in caplog.text
+        assert "127.0.0.1" not in caplog.text
 
     def test_a_refused_connection(self) -> None:
         with socket.socket() as unused:

@@ -25,6 +25,8 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urljoin, urlsplit
@@ -38,6 +40,12 @@ MAX_URL_CHARS = 8192
 Resolver = Callable[[str, int], Sequence[str]]  # (host, port) -> IP addresses
 Opener = Callable[[str, int, float], socket.socket]  # (IP address, port, timeout) -> connected
 
+# getaddrinfo cannot be interrupted, so lookups run here and the fetch waits only until its
+# deadline; a lookup stuck in a slow resolver keeps its thread until the system resolver gives
+# up (resolv.conf: 5 s x 2 attempts by default). 8 threads: MAX_CONCURRENCY's ceiling of jobs,
+# each with an image and a mask URL at most, rarely all resolving at once; beyond that lookups
+# wait their turn, still within their own deadline.
+_LOOKUPS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dns")
 _REDIRECTS = {301, 302, 303, 307, 308}
 _NOT_IN_HOST = re.compile(r"[\x00-\x20\x7f]")  # what http.client refuses in a host
 _BINARY_TYPES = {"application/octet-stream", "binary/octet-stream"}
@@ -122,12 +130,13 @@ def fetch(url: str, limits: FetchLimits, *, label: str = "url",  # label: for lo
     deadline = time.monotonic() + limits.timeout_s
     for hop in range(limits.max_redirects + 1):
         target = _parse_url(url, limits)
-        addresses = _resolve(target, label, limits, resolver)
-        log.info("%s: fetching from %s%s", label, target.host, f" (redirect {hop})" if hop else "")
+        addresses = _resolve(target, label, limits, resolver, deadline)
+        log.info("%s: fetching%s", label, f" (redirect {hop})" if hop else "")
+        log.debug("%s: from %s", label, target.host)  # the caller's text: DEBUG only
         tls = (ssl_context or _default_tls()) if target.scheme == "https" else None
         result = _get(target, addresses, limits, opener, tls, deadline)
         if isinstance(result, bytes):
-            log.info("%s: %d bytes from %s", label, len(result), target.host)
+            log.info("%s: %d bytes fetched", label, len(result))
             return result
         try:
             url = urljoin(url, result)
@@ -164,20 +173,39 @@ def _parse_url(url: str, limits: FetchLimits) -> _Target:
     return _Target(scheme, host, port or (443 if scheme == "https" else 80), path)
 
 
-def _resolve(target: _Target, label: str, limits: FetchLimits, resolver: Resolver) -> list[str]:
+def timed_out(origin: str, limits: FetchLimits) -> FetchError:
+    return FetchError(f"fetching {origin} timed out (limit {limits.timeout_s:g} s for the whole "
+                      f"download)")
+
+
+def _lookup(target: _Target, limits: FetchLimits, resolver: Resolver,
+            deadline: float) -> list[str]:
+    """``resolver``'s answer, waited for only until ``deadline`` (DNS time counts in it)."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise timed_out(target.origin, limits)
+    lookup = _LOOKUPS.submit(resolver, target.host, target.port)
+    try:
+        return [str(a) for a in lookup.result(timeout=remaining)]
+    except FutureTimeout:
+        lookup.cancel()  # still queued behind stuck lookups: never starts
+        raise timed_out(target.origin, limits) from None
+    except (OSError, UnicodeError) as exc:
+        raise FetchError(f"cannot resolve {target.host} ({brief_reason(exc)})") from None
+
+
+def _resolve(target: _Target, label: str, limits: FetchLimits, resolver: Resolver,
+             deadline: float) -> list[str]:
     """The host's addresses, each checked; the connection will use one of exactly these."""
     try:
         addresses = [str(ipaddress.ip_address(target.host))]
     except ValueError:
-        try:
-            addresses = [str(a) for a in resolver(target.host, target.port)]
-        except (OSError, UnicodeError) as exc:
-            raise FetchError(f"cannot resolve {target.host} ({brief_reason(exc)})") from None
+        addresses = _lookup(target, limits, resolver, deadline)
     if not addresses:
         raise FetchError(f"cannot resolve {target.host} (no addresses)")
     for address in addresses if not limits.allow_private else ():
         if why := blocked_reason(address):
-            log.warning("%s: refused %s: %s is %s", label, target.host, address, why)
+            log.warning("%s: refused a URL whose host is %s", label, why)
             subject = address if address == target.host else \
                 f"{target.host} resolves to {address}, which"
             raise FetchError(f"refusing to fetch {target.origin}: {subject} is {why}")
@@ -228,10 +256,9 @@ class _PinnedConnection(http.client.HTTPConnection):
 def _get(target: _Target, addresses: list[str], limits: FetchLimits, opener: Opener,
          tls: ssl.SSLContext | None, deadline: float) -> bytes | str:
     """One GET: the body (bytes) of a 200, or the Location (str) of a redirect."""
-    timed_out = FetchError(f"fetching {target.origin} timed out (limit "
-                           f"{limits.timeout_s:g} s for the whole download)")
+    timed_out_error = timed_out(target.origin, limits)
     if time.monotonic() >= deadline:
-        raise timed_out
+        raise timed_out_error
     connection = _PinnedConnection(target, addresses, opener, tls, deadline)
     # Socket timeouts bound each read; this bounds them all (a server dripping bytes).
     watchdog = threading.Timer(max(deadline - time.monotonic(), 0), connection.abort)
@@ -252,14 +279,14 @@ def _get(target: _Target, addresses: list[str], limits: FetchLimits, opener: Ope
         if kind and not kind.startswith("image/") and kind not in _BINARY_TYPES:
             raise FetchError(f"{target.origin} sent Content-Type {shown(kind)}, not an "
                              f"image")
-        return _read_body(response, target, limits, deadline, timed_out)
+        return _read_body(response, target, limits, deadline, timed_out_error)
     except FetchError:
         if connection.aborted:  # e.g. "sent 10 of the 656 bytes": cut short by the watchdog
-            raise timed_out from None
+            raise timed_out_error from None
         raise
     except Exception as exc:  # noqa: BLE001 - any network failure is this job's error
         if connection.aborted or isinstance(exc, TimeoutError):
-            raise timed_out from None
+            raise timed_out_error from None
         if isinstance(exc, ssl.SSLCertVerificationError):
             raise FetchError(f"TLS certificate check failed for {target.host} "
                              f"({shown(exc.verify_message, 80)})") from None
@@ -272,7 +299,7 @@ def _get(target: _Target, addresses: list[str], limits: FetchLimits, opener: Ope
 
 
 def _read_body(response: http.client.HTTPResponse, target: _Target, limits: FetchLimits,
-               deadline: float, timed_out: FetchError) -> bytes:
+               deadline: float, timeout_error: FetchError) -> bytes:
     announced = response.length  # Content-Length; None when chunked or absent
     if announced is not None and announced > limits.max_bytes:
         raise FetchError(f"{target.origin} announces {size_text(announced)}; the limit is "
@@ -287,7 +314,7 @@ def _read_body(response: http.client.HTTPResponse, target: _Target, limits: Fetc
             raise FetchError(f"the download from {target.origin} is over the "
                              f"{size_text(limits.max_bytes)} limit")
         if time.monotonic() >= deadline:
-            raise timed_out
+            raise timeout_error
         chunks.append(chunk)
     if announced is not None and total < announced:
         raise FetchError(f"{target.origin} sent {total} of the {announced} bytes it announced")
