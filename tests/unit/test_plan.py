@@ -107,6 +107,17 @@ class TestGuidance:
         assert (plan.negative_prompt, plan.guidance_scale) == ("blurry", 2.0)
         assert warnings == []
 
+    @pytest.mark.parametrize("value", [2.5, 7.5, 20])
+    def test_guidance_far_above_lightnings_gets_a_warning_but_runs(self, value: float) -> None:
+        plan, warnings = plan_for(guidance_scale=value)
+        assert plan.guidance_scale == value
+        assert warnings == [f"guidance_scale {value:g} is far above what SDXL-Lightning was "
+                            f"distilled for (0): expect over-saturated, burnt-looking images "
+                            f"and twice the GPU time; use 0, or up to 2 with a negative prompt"]
+
+    def test_guidance_up_to_2_runs_without_a_warning(self) -> None:
+        assert plan_for(guidance_scale=2)[1] == []
+
     @pytest.mark.parametrize("value", [0.5, 1.0])
     def test_guidance_at_or_below_1_acts_as_0(self, value: float) -> None:
         plan, warnings = plan_for(guidance_scale=value)
