@@ -82,7 +82,7 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
     received = time.perf_counter()
     try:
         request = parse_request(job.get("input"))
-        bucket = DELIVERY.bucket_for(job.get("s3Config"))
+        bucket = await asyncio.to_thread(DELIVERY.bucket_for, job.get("s3Config"))  # DNS
         plan, warnings = await asyncio.to_thread(
             prepare, request, ENGINE.steps, SETTINGS.safety_mode, ENGINE.count_tokens)
         DELIVERY.check_estimate(plan, bucket)
@@ -121,7 +121,8 @@ def _start_or_exit() -> tuple[Settings, pipeline.Engine, delivery.Delivery]:
     try:
         settings = Settings.from_env()
         bucket = upload.bucket_from_env(settings.bucket_env)
-        return settings, start(settings), delivery.Delivery(bucket, settings.max_response_mb)
+        outbox = delivery.Delivery(bucket, settings.max_response_mb, settings.upload_deadline_s)
+        return settings, start(settings), outbox
     except StartupError as exc:
         log.error("worker cannot start: %s", exc)
         sys.exit(1)

@@ -125,6 +125,8 @@ class Settings(BaseModel):
     safety_mode: Literal["off", "on", "always"] = "off"  # on: callers may disable it per job
     # RunPod drops results over 10 MB on /run (20 MB on /runsync): refuse clearly instead.
     max_response_mb: float = 10.0
+    # All of a job's uploads together (outputs/delivery.UPLOAD_DEADLINE_S says why a minute).
+    upload_deadline_s: float = 60.0
     vae_decoder: Literal["full", "tiny"] = "full"  # tiny: TAESDXL, for previews and speed
     device: Literal["auto", "cuda", "cpu"] = "auto"  # the image sets cuda: no GPU, no jobs
     compile: bool = False  # torch.compile the UNet; see worker/engine/compiler.py for the cost
@@ -137,7 +139,8 @@ class Settings(BaseModel):
         "MODEL_DIR": "model_dir", "LIGHTNING_STEPS": "lightning_steps", "WARMUP": "warmup",
         "DOWNLOAD_MISSING_WEIGHTS": "download_missing", "MAX_CONCURRENCY": "max_concurrency",
         "MAX_BATCH_IMAGES": "max_batch_images", "SAFETY_CHECKER": "safety_mode",
-        "MAX_RESPONSE_MB": "max_response_mb", "VAE_DECODER": "vae_decoder",
+        "MAX_RESPONSE_MB": "max_response_mb", "UPLOAD_DEADLINE_S": "upload_deadline_s",
+        "VAE_DECODER": "vae_decoder",
         "COMPILE": "compile", "COMPILE_SIZES": "compile_sizes",
         "COMPILE_CACHE_DIR": "compile_cache_dir", "DEVICE": "device",
         **{name: "bucket_env" for name in BUCKET_ENV}}
@@ -146,6 +149,7 @@ class Settings(BaseModel):
         "download_missing": _parse_bool, "safety_mode": _parse_safety,
         "max_concurrency": _int_range(1, 64), "max_batch_images": _int_range(1, 64),
         "max_response_mb": lambda name, text: float(_int_range(1, 1024)(name, text)),
+        "upload_deadline_s": lambda name, text: float(_int_range(1, 3600)(name, text)),
         "vae_decoder": _choice("full", "tiny"), "device": _choice("auto", "cuda", "cpu"),
         "compile": _parse_bool, "compile_sizes": _parse_sizes, "compile_cache_dir": _path,
     }

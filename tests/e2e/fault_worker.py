@@ -3,7 +3,8 @@
 Run as ``python -m tests.e2e.fault_worker GATES`` from the repository root, with the worker's
 environment: it imports ``handler`` (which starts the worker exactly as ``python handler.py``
 does), wraps the engine's ``run_batch`` and the VAE's decode to misbehave when a prompt carries
-a ``FAULT_*`` marker, then runs ``handler.main()``, RunPod's worker loop.
+a ``FAULT_*`` marker, lets a job's bucket be on loopback (the tests' stand-ins live there), then
+runs ``handler.main()``, RunPod's worker loop.
 
 Prompt markers:
 - ``FAULT_WAIT_FOR:<tag>:<n>`` holds the GPU until n jobs whose prompts carry ``[<tag>]`` were
@@ -26,6 +27,9 @@ from types import ModuleType
 from typing import Any
 
 import torch
+
+from tests.support.endpoints import LOOPBACK_ALLOWED
+from worker.outputs import upload
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,9 @@ class Faults:
         self._run_batch = handler.ENGINE.run_batch
 
     def install(self) -> None:
+        # A job's bucket on loopback (test_failing_bucket...) must reach its upload: the
+        # worker's own policy would refuse it before the GPU. Test-only guard.
+        self.handler.DELIVERY.uploader = upload.Uploader(guard=LOOPBACK_ALLOWED)
         self.handler.GPU.submit = self.submit
         self.handler.ENGINE.run_batch = self.run_batch
         engine = self.handler.ENGINE

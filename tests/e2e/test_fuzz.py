@@ -43,6 +43,7 @@ from runpod.serverless.modules.rp_logger import RunPodLogger
 import pipeline
 import schemas
 import worker.inputs.images
+from tests.support.endpoints import PUBLIC_IP
 from worker.outputs import upload
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -89,10 +90,15 @@ def fake_run_batch(plans: Any, on_step: Any = None, steps: tuple[int, ...] = (4,
             for p in plans]
 
 
-class StubUploader:
-    """Accepts every upload at once; the URL names the object key."""
+class StubUploader(upload.Uploader):
+    """Checks a job's s3Config as the worker does (every name resolves to a public address,
+    in-process) and accepts every upload at once; the URL names the object key."""
 
-    def upload(self, bucket: upload.Bucket, key: str, data: bytes, content_type: str) -> str:
+    def __init__(self) -> None:
+        super().__init__(guard=upload.EndpointGuard(resolver=lambda host, port: [PUBLIC_IP]))
+
+    def upload(self, bucket: upload.Bucket, key: str, data: bytes, content_type: str,
+               budget: upload.Budget | None = None) -> str:
         assert data and content_type.startswith("image/")
         return f"{STUB_BUCKET_URL}{bucket.bucket_name}/{key}"
 

@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import boto3
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
+from tests.support.endpoints import LOOPBACK_ALLOWED, PUBLIC_IP, Dns, allow_loopback
+from tests.support.loopback import free_port
 from tests.support.s3_server import ALLOW, READ_ONLY, TIMEOUT_S, FlakyProxy, MotoS3
+from tests.support.silent_server import SilentServer
 from worker.errors import InputError, JobError, StartupError
 from worker.outputs import upload
 from worker.outputs.upload import (
     Bucket,
+    EndpointGuard,
     Uploader,
     UploadError,
     bucket_from_env,
@@ -227,6 +235,41 @@ class TestBucketFromS3Config:
         with pytest.raises(InputError, match="s3Config must be an object"):
             bucket_from_s3_config(cfg)
 
+    @pytest.mark.parametrize(("url", "start"), [
+        ("http://h.example:" + "x" * 100_000, "s3Config.endpointUrl is 100017 characters; "
+                                               "the limit is 1024"),
+        ("http://h.example:" + "x" * 1000, "s3Config.endpointUrl is not a valid URL (Port "),
+        ("http://h.example/" + "b" * 1000, "bucket name 'bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"),
+    ])
+    def test_a_huge_value_is_never_echoed(self, url: str, start: str) -> None:
+        # Before, the whole port (urlsplit quotes it) or the whole URL path came back.
+        with pytest.raises(InputError) as info:
+            bucket_from_s3_config({**self.GOOD, "endpointUrl": url, "bucketName": "b" * 1000})
+        assert str(info.value).startswith(start) and len(str(info.value)) < 300
+
+    @pytest.mark.parametrize(("key", "value"), [
+        ("accessSecret", "s3cr3t\ud800"), ("accessSecret", "two words"),
+        ("accessId", "AKIA\u00e9"), ("accessId", "AKIA\x00"), ("accessSecret", "x" * 257),
+        ("endpointUrl", "https://\u0661\u0662.example.com/renders"),  # Arabic-Indic digits
+        ("endpointUrl", "https://\u212a.example.com/renders"),  # the Kelvin sign
+    ])
+    def test_keys_and_urls_that_fail_only_when_sent_are_refused_up_front(
+            self, key: str, value: str) -> None:
+        # Before, these passed: signing or the Host header then failed after the GPU had run.
+        with pytest.raises(InputError, match=f"^s3Config.{key} ") as info:
+            bucket_from_s3_config({**self.GOOD, key: value})
+        assert value not in str(info.value) and "job-s3cr3t" not in str(info.value)
+
+    def test_port_zero(self) -> None:
+        with pytest.raises(InputError, match="port 0"):
+            bucket_from_s3_config({**self.GOOD, "endpointUrl": "http://h.example:0/renders"})
+
+    def test_the_urls_text_is_not_logged_at_info(self, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.INFO)
+        bucket = bucket_from_s3_config({**self.GOOD, "endpointUrl": "http://h.example/tok3n"})
+        assert bucket.bucket_name == "renders"  # bucketName wins, as before: but quietly now
+        assert "tok3n" not in caplog.text
+
 
 class TestSecretsStayHidden:
     def test_repr_and_str_mask_both_keys(self) -> None:
@@ -410,3 +453,205 @@ class TestRetries:
         error = failure(Uploader(attempts=2, client_retries=0, backoff_s=0,
                                  connect_timeout_s=2), gone)
         assert "failed after 2 attempt(s) (EndpointConnectionError)" in str(error)
+
+
+# --- a job's endpoint: the address policy, pinned connections ---------------------------------
+
+def job_bucket(endpoint: str, keys: tuple[str, str] = ("AKIAJOBKEY", "job-s3cr3t"),
+               name: str = BUCKET) -> Bucket:
+    return bucket_from_s3_config({"accessId": keys[0], "accessSecret": keys[1],
+                                  "bucketName": name, "endpointUrl": endpoint})
+
+
+REFUSED_AT_START = ("s3Config.endpointUrl is refused: its host is or resolves to a loopback "
+                    "address; a job's bucket must be at a public address")
+REFUSED_AT_CONNECT = (f"bucket upload to '{BUCKET}' refused: the endpoint's host resolves to a "
+                      f"loopback address; a job's bucket must be at a public address")
+
+
+class TestJobEndpoints:
+    @pytest.mark.parametrize(("host", "why"), [
+        ("127.0.0.1", "a loopback address"), ("[::1]", "a loopback address"),
+        ("[::ffff:127.0.0.1]", "a loopback address"), ("10.1.2.3", "a private address"),
+        ("169.254.169.254", "a link-local address (cloud metadata lives there)"),
+        ("100.64.0.1", "a carrier-grade NAT address"), ("0.0.0.0", "an unspecified address"),
+        ("[fd00::1]", "a private address"),
+    ])
+    def test_non_public_addresses_are_refused_before_anything_is_sent(self, host: str,
+                                                                      why: str) -> None:
+        with pytest.raises(InputError) as info:
+            Uploader().prepare(job_bucket(f"http://{host}:9000/{BUCKET}"))
+        assert str(info.value) == (f"s3Config.endpointUrl is refused: its host is or resolves "
+                                   f"to {why}; a job's bucket must be at a public address")
+
+    def test_a_name_resolving_to_loopback_is_refused(self) -> None:
+        dns = Dns({"inside.example": [PUBLIC_IP, "127.0.0.1"]})  # every address is checked
+        with pytest.raises(InputError) as info:
+            Uploader(guard=EndpointGuard(resolver=dns)).prepare(
+                job_bucket("http://inside.example:9000/images"))
+        assert str(info.value) == REFUSED_AT_START
+
+    def test_an_unknown_host_is_the_callers_error(self) -> None:
+        guard = EndpointGuard(resolver=Dns({}))
+        with pytest.raises(InputError, match="^s3Config.endpointUrl: cannot resolve its host"):
+            Uploader(guard=guard).prepare(job_bucket("https://nowhere.example/images"))
+
+    def test_open_and_closed_ports_get_the_same_answer_and_nothing_is_dialled(self) -> None:
+        # Before, "EndpointConnectionError" (closed) against an HTTP error code (open) told a
+        # caller which ports of the worker's network listen.
+        with SilentServer() as listening:
+            ports = (listening.port, free_port())
+            at_start, at_connect = set(), set()
+            for port in ports:
+                with pytest.raises(InputError) as info:
+                    Uploader().prepare(job_bucket(f"http://127.0.0.1:{port}/images"))
+                at_start.add(str(info.value))
+                # DNS rebinding: public when checked, loopback when dialled.
+                rebinding = iter([[PUBLIC_IP]] + [["127.0.0.1"]] * 10)
+                lookups: list[str] = []
+
+                def rebind(host: str, port: int, answers=rebinding, seen=lookups) -> list[str]:
+                    seen.append(host)
+                    return next(answers)
+
+                uploader = Uploader(guard=EndpointGuard(resolver=rebind), backoff_s=0)
+                ready = uploader.prepare(job_bucket(f"http://rebind.example:{port}/images"))
+                at_connect.add(str(failure(uploader, ready)))
+                assert lookups == ["rebind.example"] * 2  # refused once: no retry re-dials
+            assert listening.connections == 0
+        assert at_start == {REFUSED_AT_START} and at_connect == {REFUSED_AT_CONNECT}
+
+    def test_connections_go_to_the_checked_address(self, s3: MotoS3,
+                                                   keys: dict[str, tuple[str, str]]) -> None:
+        # "s3stand-in" is known only to this resolver: the upload reaching moto proves the
+        # connection went to the address the guard checked, not through a lookup of its own.
+        dns = Dns({"s3stand-in": ["127.0.0.1"]})
+        uploader = Uploader(guard=EndpointGuard(resolver=dns, blocked=allow_loopback))
+        ready = uploader.prepare(job_bucket(f"http://s3stand-in:{s3.port}/{BUCKET}",
+                                            keys["writer"]))
+        url = uploader.upload(ready, "job-p/0-dddddddd.png", PNG, "image/png")
+        assert urlsplit(url).netloc == f"s3stand-in:{s3.port}"  # the Host the caller named
+        assert fetch(s3, url.replace("s3stand-in", "127.0.0.1")) == (PNG, "image/png")
+        assert dns.lookups == [("s3stand-in", s3.port)] * 2  # checked up front, then dialled
+
+    def test_a_proxy_from_the_environment_is_not_used_for_a_jobs_endpoint(
+            self, s3: MotoS3, keys: dict[str, tuple[str, str]],
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")  # nothing listens
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        uploader = Uploader(guard=LOOPBACK_ALLOWED, attempts=1, client_retries=0)
+        ready = uploader.prepare(job_bucket(f"{s3.endpoint}/{BUCKET}", keys["writer"]))
+        assert uploader.upload(ready, "job-q/0-eeeeeeee.png", PNG, "image/png")
+
+    def test_the_operators_bucket_stays_trusted(self, bucket: Bucket, uploader: Uploader) -> None:
+        assert bucket.trusted and uploader.prepare(bucket) is bucket  # loopback, yet allowed
+        assert uploader.upload(bucket, "job-r/0-ffffffff.png", PNG, "image/png")
+
+
+# --- the clients: bounded, keyed without the secret, made without blocking uploads -----------
+
+class TestClientCache:
+    @staticmethod
+    def job(uploader: Uploader, i: int) -> Bucket:
+        return uploader.prepare(job_bucket("https://store.example/images",
+                                           (f"AKIAJOB{i:04d}", f"s3cr3t-{i:04d}")))
+
+    @pytest.fixture
+    def uploader(self) -> Uploader:
+        dns = Dns({"store.example": [PUBLIC_IP]})
+        return Uploader(guard=EndpointGuard(resolver=dns), job_clients=3)
+
+    def test_many_configs_keep_a_bounded_number_of_clients(self, uploader: Uploader) -> None:
+        # Before, every distinct s3Config kept a client (and a boto3 session) forever.
+        for i in range(30):
+            for _ in range(2):  # each succeeds twice: worth keeping, but only the last 3 are
+                uploader.release(self.job(uploader, i), ok=True)
+        assert uploader.cached_job_clients == 3
+        kept = self.job(uploader, 29).client
+        assert self.job(uploader, 29).client is kept and self.job(uploader, 0).client is not \
+            self.job(uploader, 0).client
+
+    def test_one_off_and_failed_configs_keep_nothing(self, uploader: Uploader) -> None:
+        for i in range(10):
+            uploader.release(self.job(uploader, i), ok=True)  # once each
+        assert uploader.cached_job_clients == 0
+        for _ in range(2):
+            uploader.release(self.job(uploader, 99), ok=True)
+        assert uploader.cached_job_clients == 1
+        uploader.release(self.job(uploader, 99), ok=False)  # the same config fails: dropped
+        assert uploader.cached_job_clients == 0
+
+    def test_cache_keys_carry_no_secret(self, uploader: Uploader) -> None:
+        for _ in range(2):
+            uploader.release(self.job(uploader, 7), ok=True)
+        keys = list(uploader._jobs) + list(uploader._seen)
+        assert keys and all(isinstance(k, bytes) and len(k) == 32 for k in keys)
+        assert not any(b"s3cr3t-0007" in k or b"AKIAJOB0007" in k for k in keys)
+
+    def test_making_a_client_does_not_hold_up_other_uploads(
+            self, bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Before, one lock covered making a client (~0.1-0.4 s) and every upload's lookup.
+        uploader = Uploader(backoff_s=0)
+        uploader.client(bucket)
+        making, release = threading.Event(), threading.Event()
+        real_client = boto3.session.Session.client
+
+        def slow_client(session: Any, *args: Any, **kwargs: Any) -> Any:
+            making.set()
+            release.wait(TIMEOUT_S)
+            return real_client(session, *args, **kwargs)
+
+        monkeypatch.setattr(boto3.session.Session, "client", slow_client)
+        maker = threading.Thread(target=uploader.client,
+                                 args=(with_endpoint(bucket, bucket.endpoint_url,
+                                                     bucket_name="other-bucket"),))
+        maker.start()
+        uploaded = threading.Event()
+
+        def upload_meanwhile() -> None:
+            uploader.upload(bucket, "job-s/0-gggggggg.png", PNG, "image/png")
+            uploaded.set()
+
+        worker = threading.Thread(target=upload_meanwhile)
+        try:
+            assert making.wait(TIMEOUT_S)
+            worker.start()
+            assert uploaded.wait(TIMEOUT_S)
+            assert not release.is_set() and maker.is_alive()  # still making the other client
+        finally:
+            release.set()
+            maker.join(TIMEOUT_S)
+            if worker.ident is not None:
+                worker.join(TIMEOUT_S)
+
+
+class TestBudget:
+    def test_abort_cuts_the_sockets_in_use_and_spares_those_handed_back(self) -> None:
+        budget = upload.Budget(TIMEOUT_S)
+        in_use, in_use_peer = socket.socketpair()
+        returned, returned_peer = socket.socketpair()
+        try:
+            with budget.calling():
+                call = upload._CURRENT.call
+                call.track(in_use)
+                call.track(returned)
+                call.untrack(returned)  # back in its pool: maybe another job's by now
+                budget.abort()
+                in_use_peer.settimeout(TIMEOUT_S)
+                assert in_use_peer.recv(1) == b""  # cut
+                returned.sendall(b"x")
+                assert returned_peer.recv(1) == b"x"  # untouched
+        finally:
+            for sock in (in_use, in_use_peer, returned, returned_peer):
+                sock.close()
+
+    def test_after_the_deadline_nothing_starts(self) -> None:
+        now = [0.0]
+        budget = upload.Budget(5, clock=lambda: now[0])
+        assert budget.remaining() == 5 and not budget.wait(0)
+        assert budget.wait(5)  # a backoff as long as what is left: give up at once
+        now[0] = 5.0
+        with pytest.raises(upload.UploadAborted), budget.calling():
+            pass
