@@ -304,13 +304,24 @@ class Engine:
                 self.run_batch([warmup_plan(steps, width, height)])
 
     def compile(self, sizes: Sequence[tuple[int, int]], cache_dir: Path | None,
-                backend: str = "inductor") -> float:
-        """``torch.compile`` every UNet in place and warm each size; returns seconds."""
+                backend: compiler.Backend = "inductor") -> float:
+        """``torch.compile`` every UNet in place and warm each size (this is the warm-up: a
+        compiled UNet compiles again for each new size); returns seconds. A compile that
+        fails is a ``compiler.CompileError`` (a ``StartupError``) naming the cause and the fix."""
         started = time.perf_counter()
-        compiler.compile_in_place([pipe.unet for pipe in self.pipes.values()], cache_dir, backend)
-        self.warm_up(sizes)
+        shown = ", ".join(f"{width}x{height}" for width, height in sizes)
+        try:
+            compiler.compile_in_place([pipe.unet for pipe in self.pipes.values()], cache_dir,
+                                      backend)
+            self.warm_up(sizes)  # dynamo compiles lazily: the first call at each size
+        except torch.OutOfMemoryError:
+            raise  # memory, not the compiler
+        except Exception as exc:  # noqa: BLE001 - any failure here stops the start: say why
+            log.debug("torch.compile failed", exc_info=exc)  # the full story, at DEBUG only
+            raise compiler.CompileError(exc, shown) from None
         compiler.save_cache(cache_dir)
         seconds = time.perf_counter() - started
-        log.info("compiled %d UNet(s) for %d size(s) in %.1f s", len(self.pipes), len(sizes),
-                 seconds)
+        log.info("compiled %d UNet(s) (%s) with %s for %s, batch size 1: %.1f s",
+                 len(self.pipes), ", ".join(f"{s}-step" for s in self.steps),
+                 getattr(backend, "__name__", backend), shown, seconds)
         return seconds
