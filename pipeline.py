@@ -9,12 +9,15 @@ plans of one shape as one batch and owns the generation policy:
   rounding) alone or batched, and never depends on the global RNG;
 - each job's scheduler in its own pipeline view, so no job changes the shared pipelines;
 - out of GPU memory with several images: free the cache and run them one at a time, once, then
-  fail the job with ``GpuMemoryError``;
+  fail the job with ``GpuMemoryError``; both outside the ``except`` block, so the failed
+  attempt's frames (and the activations they hold) are gone before the retry or the error;
 - a checked decode (``worker/engine/decode.py``): no NaN or black image reaches a caller;
 - images the safety checker flags are withheld (``None``), never blacked out.
 
-Also ``engine.count_tokens`` (thread-safe, for the truncation warning), ``engine.warm_up`` and
-``engine.compile`` (``worker/engine/compiler.py``).
+Also ``engine.count_tokens`` (thread-safe, for the truncation warning), ``engine.warm_up``,
+``engine.compile`` (``worker/engine/compiler.py``) and ``engine.resident_bytes`` (what the weights
+hold, per checkpoint). Out of memory while loading is a ``ModelMemoryError`` saying how much the
+weights take and what the GPU has, not a corrupt model folder.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from worker import runtime
 runtime.configure_libraries()  # before diffusers and transformers read their environment
 
 import copy
+import gc
 import logging
 import threading
 import time
@@ -51,9 +55,9 @@ from safetensors import SafetensorError
 from schemas import MIN_SIDE
 from worker.engine import compiler, loading, safety
 from worker.engine.decode import decode_latents
-from worker.errors import JobError, ModelFolderError
+from worker.errors import JobError, ModelFolderError, StartupError
 from worker.plan import Plan, StepCallback, warmup_plan
-from worker.spec import ModelSpec
+from worker.spec import CHECKPOINTS, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,24 @@ WARMUP_SIZES = ((MIN_SIDE, MIN_SIDE),)
 
 class GpuMemoryError(JobError):
     """The GPU ran out of memory for a job, even one image at a time."""
+
+
+class ModelMemoryError(StartupError):
+    """The GPU ran out of memory loading the model: the worker cannot serve on it."""
+
+
+def memory_text(count: float) -> str:
+    """Bytes in the README's decimal units: "5.14 GB", "167.3 MB" (the tiny model's modules
+    are megabytes, the real ones gigabytes)."""
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
+
+
+def free_gpu_cache() -> None:
+    """Give the allocator's cached blocks back, once nothing holds a failed attempt: the
+    collection breaks any reference cycle through its frames, whose tensors would otherwise
+    stay allocated and cached blocks would stay in use."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 class Engine:
@@ -120,6 +142,7 @@ class Engine:
         dtype = dtype or loading.DTYPES[device.type]
         if missing := spec.missing(folder):
             raise ModelFolderError(f"model folder {folder} is missing {', '.join(missing)}")
+        before = loading.gpu_memory(device)  # (free, total), for an out-of-memory message
         try:
             shared = loading.shared_components(folder, device, dtype)
             pipes = {}
@@ -137,14 +160,48 @@ class Engine:
                          if spec.safety_checker else None)
             if device.type == "cuda":
                 engine.optimize()
+        except torch.OutOfMemoryError:  # a RuntimeError too: caught before the corrupt files
+            raise ModelMemoryError(cls._memory_advice(spec, folder, device, dtype,
+                                                      before)) from None
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # corrupt files
             raise ModelFolderError(f"{type(exc).__name__}: {exc}") from None
         return engine
 
+    @staticmethod
+    def _memory_advice(spec: ModelSpec, folder: Path, device: torch.device, dtype: torch.dtype,
+                       before: tuple[int, int] | None) -> str:
+        """Out of memory loading: what the weights take, what the GPU has, what to do."""
+        sizes = loading.weights_bytes(folder, spec, dtype)
+        need, unet = sum(sizes.values()), max(sizes.get(CHECKPOINTS[s], 0) for s in spec.steps)
+        has = "" if before is None else (f", the GPU has {memory_text(before[1])} "
+                                         f"({memory_text(before[0])} of it free before loading)")
+        return (f"out of GPU memory loading {spec.describe()} on {device}: the weights take "
+                f"{memory_text(need)} in {str(dtype).removeprefix('torch.')}{has}, and "
+                f"generating needs more on top. Use a GPU with more memory, fewer "
+                f"LIGHTNING_STEPS (each checkpoint is a {memory_text(unet)} UNet) or "
+                f"SAFETY_CHECKER=false, or stop whatever else holds memory on the GPU")
+
     def optimize(self) -> None:
-        """channels_last and fused QKV (applied on CUDA; tests force it on the CPU)."""
+        """channels_last and fused QKV, the unfused projections freed (applied on CUDA; tests
+        force it on the CPU). Idempotent."""
         loading.optimize_for_cuda([pipe.unet for pipe in self.pipes.values()] + [self.vae] + (
             [self.taesd] if self.taesd is not None else []))
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes the weights hold on the device: ``"N-step UNet"`` per checkpoint, then
+        ``"shared (...)"``: text encoders, VAE, and the tiny decoder and checker if loaded."""
+        first = next(iter(self.pipes.values()))
+        names = ["text encoders", "VAE"]
+        shared = [first.text_encoder, first.text_encoder_2, self.vae]
+        if self.taesd is not None:
+            names.append("tiny decoder")
+            shared.append(self.taesd)
+        if self.checker is not None:
+            names.append("safety checker")
+            shared.append(self.checker[0])
+        return {f"{steps}-step UNet": loading.resident_bytes(pipe.unet)
+                for steps, pipe in sorted(self.pipes.items())} | {
+            f"shared ({', '.join(names)})": sum(map(loading.resident_bytes, shared))}
 
     def count_tokens(self, text: str) -> int:
         """How many CLIP tokens ``text`` takes, start and end tokens included (thread-safe)."""
@@ -175,12 +232,13 @@ class Engine:
             for plan, images in zip(plans, results, strict=True):
                 if plan.safety_check:
                     images[:] = self._withhold_flagged(images)
+            return results
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            raise GpuMemoryError(
-                f"out of GPU memory generating {count} image(s) at {plans[0].width}x"
-                f"{plans[0].height}: try fewer images or a smaller size") from None
-        return results
+            pass  # raised below: an error raised in here would carry the OOM as its context
+        free_gpu_cache()
+        raise GpuMemoryError(f"out of GPU memory generating {count} image(s) at "
+                             f"{plans[0].width}x{plans[0].height}: try fewer images or a "
+                             f"smaller size")
 
     def _run_with_fallback(self, plans: Sequence[Plan], on_step: StepCallback | None,
                            count: int) -> list[list[Image.Image]]:
@@ -191,10 +249,12 @@ class Engine:
         except torch.cuda.OutOfMemoryError:
             if count == 1:
                 raise
-            log.warning("out of GPU memory for %d image(s): retrying one image at a time", count)
-            torch.cuda.empty_cache()
-            return [[self.run_batch([replace(plan, seeds=(seed,))])[0][0]
-                     for seed in plan.seeds] for plan in plans]
+        # The retry runs out here: inside the except block the exception's traceback keeps the
+        # failed batch's frames, and every activation they hold, allocated during the retry.
+        log.warning("out of GPU memory for %d image(s): retrying one image at a time", count)
+        free_gpu_cache()
+        return [[self.run_batch([replace(plan, seeds=(seed,))])[0][0]
+                 for seed in plan.seeds] for plan in plans]
 
     def _withhold_flagged(self, images: list[Image.Image]) -> list[Image.Image | None]:
         if self.checker is None:
@@ -244,13 +304,24 @@ class Engine:
                 self.run_batch([warmup_plan(steps, width, height)])
 
     def compile(self, sizes: Sequence[tuple[int, int]], cache_dir: Path | None,
-                backend: str = "inductor") -> float:
-        """``torch.compile`` every UNet in place and warm each size; returns seconds."""
+                backend: compiler.Backend = "inductor") -> float:
+        """``torch.compile`` every UNet in place and warm each size (this is the warm-up: a
+        compiled UNet compiles again for each new size); returns seconds. A compile that
+        fails is a ``compiler.CompileError`` (a ``StartupError``) naming the cause and the fix."""
         started = time.perf_counter()
-        compiler.compile_in_place([pipe.unet for pipe in self.pipes.values()], cache_dir, backend)
-        self.warm_up(sizes)
+        shown = ", ".join(f"{width}x{height}" for width, height in sizes)
+        try:
+            compiler.compile_in_place([pipe.unet for pipe in self.pipes.values()], cache_dir,
+                                      backend)
+            self.warm_up(sizes)  # dynamo compiles lazily: the first call at each size
+        except torch.OutOfMemoryError:
+            raise  # memory, not the compiler
+        except Exception as exc:  # noqa: BLE001 - any failure here stops the start: say why
+            log.debug("torch.compile failed", exc_info=exc)  # the full story, at DEBUG only
+            raise compiler.CompileError(exc, shown) from None
         compiler.save_cache(cache_dir)
         seconds = time.perf_counter() - started
-        log.info("compiled %d UNet(s) for %d size(s) in %.1f s", len(self.pipes), len(sizes),
-                 seconds)
+        log.info("compiled %d UNet(s) (%s) with %s for %s, batch size 1: %.1f s",
+                 len(self.pipes), ", ".join(f"{s}-step" for s in self.steps),
+                 getattr(backend, "__name__", backend), shown, seconds)
         return seconds

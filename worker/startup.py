@@ -2,8 +2,10 @@
 
 Checks the device, finds the model folder (``location``; its files were already being read by
 ``prefetch``, which ``handler`` starts before the heavy imports), fetches missing files when
-allowed (``builder.download_weights``), loads the engine (``pipeline.Engine.load``), compiles
-when asked and warms it up, logging each phase's time. Any reason the worker cannot serve
+allowed (``builder.download_weights``), loads the engine (``pipeline.Engine.load``) and logs
+what its weights hold in memory per checkpoint, then compiles when asked (which warms the
+compiled sizes, and replaces the default warm-up: a warm-up at another size would compile every
+UNet once more) or warms it up, logging each phase's time. Any reason the worker cannot serve
 becomes a ``StartupError`` with a message for the operator.
 """
 
@@ -50,6 +52,14 @@ def ensure_weights(model_dir: Path, spec: ModelSpec, download_missing: bool) -> 
                            f"be fetched: {exc}. {how_to_get_weights(spec)}") from None
 
 
+def log_memory(engine: pipeline.Engine) -> None:
+    """One line: the device memory each checkpoint's UNet and the shared modules hold."""
+    held = engine.resident_bytes()
+    parts = ", ".join(f"{name} {pipeline.memory_text(count)}" for name, count in held.items())
+    log.info("weights on %s: %s; total %s", engine.device, parts,
+             pipeline.memory_text(sum(held.values())))
+
+
 def start(settings: Settings) -> pipeline.Engine:
     """Device, weights, load, compile, warm-up, each timed in the log."""
     t0 = time.perf_counter()
@@ -63,10 +73,13 @@ def start(settings: Settings) -> pipeline.Engine:
         engine = pipeline.Engine.load(spec, model_dir, device, dtype)
     except ModelFolderError as exc:
         raise StartupError(f"cannot load the model folder {model_dir}: {exc}") from None
+    log_memory(engine)
     t2 = time.perf_counter()
     if settings.compile:  # warms its sizes itself, through the same generation path
         engine.compile(settings.compile_sizes, settings.compile_cache_dir)
-    if settings.warmup:
+        if settings.warmup:
+            log.info("warm-up: done by the compile (another size would compile again)")
+    elif settings.warmup:
         engine.warm_up()
     t3 = time.perf_counter()
     log.info("ready on %s/%s with %s: weights check %.2f s, load %.2f s, compile + warm-up "

@@ -3,7 +3,9 @@ generator per image, batching), the code path the real weights take."""
 
 from __future__ import annotations
 
+import sys
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -215,6 +217,48 @@ class TestOutOfMemory:
         assert sizes == [3, 1, 1, 1]
         assert all(np.array_equal(np.asarray(a), np.asarray(b))
                    for a, b in zip(got, expected, strict=True))
+
+    def test_the_retry_runs_once_the_failed_attempt_is_released(
+            self, model: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Inside the ``except`` block the traceback would keep the failed batch's frames, and
+        their tensors, alive through the retry: the retry must run after it."""
+        batch = pixels(generate(model, plan((7, 8))))
+        alone = pixels([generate(model, plan((seed,)))[0] for seed in (7, 8)])
+        original = model.run_batch
+        failed: list[weakref.ref] = []
+        retries: list[tuple[object, bool]] = []
+
+        def small_gpu(plans: Sequence[Plan], on_step: Any = None) -> Any:
+            if sum(len(p.seeds) for p in plans) > 1:
+                activations = torch.ones(8)  # stands for the failed batch's tensors
+                failed.append(weakref.ref(activations))
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            retries.append((sys.exc_info(), failed[0]() is None))
+            return original(plans, on_step)
+
+        monkeypatch.setattr(model, "run_batch", small_gpu)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        got = pixels(generate(model, plan((7, 8))))
+        assert retries == [((None, None, None), True)] * 2
+        assert np.array_equal(got, alone)
+        assert np.abs(got - batch).max() <= 1  # the non-OOM batch, within fp rounding
+
+    def test_the_job_error_does_not_hold_the_failed_attempt(
+            self, model: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The error waits in a future until the handler reads it: no context, no frames."""
+        failed: list[weakref.ref] = []
+
+        def oom(plans: Sequence[Plan], on_step: Any = None) -> Any:
+            activations = torch.ones(8)
+            failed.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        monkeypatch.setattr(model, "run_batch", oom)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        with pytest.raises(GpuMemoryError) as info:
+            model.generate([plan((1, 2))])
+        assert info.value.__context__ is None and info.value.__cause__ is None
+        assert len(failed) == 2 and all(ref() is None for ref in failed)
 
     def test_one_image_that_does_not_fit_is_a_job_error_saying_what_to_try(
             self, model: Engine, monkeypatch: pytest.MonkeyPatch) -> None:

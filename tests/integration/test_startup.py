@@ -6,6 +6,7 @@ Where the folder is found (the location order) is tested without a model in test
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -84,10 +85,52 @@ class TestStartFailures:
         assert result.returncode == 1
         assert "cannot load the model folder" in result.stderr
 
+    def test_a_compiler_that_cannot_build_is_one_line_not_a_traceback(self) -> None:
+        """COMPILE=true where inductor finds no C++ compiler (CXX names none): the real
+        compile fails in seconds on the tiny model; the worker says why and what to set."""
+        result = worker("--test_input", job(), COMPILE="true", COMPILE_SIZES="512x512",
+                        CXX="/nonexistent/g++")
+        assert result.returncode == 1
+        assert ("worker cannot start: COMPILE=true but torch.compile failed compiling the UNet "
+                "for 512x512: InvalidCxxCompiler: No working C++ compiler") in result.stderr
+        assert "Set COMPILE=false to start without compiling" in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_out_of_memory_while_loading_is_said_to_be_memory(
+            self, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from worker.engine import loading
+
+        def oom(*args: object, **kwargs: object) -> None:
+            import torch
+
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        monkeypatch.setattr(loading, "load_unet", oom)
+        settings = Settings.from_env({"MODEL_DIR": str(tiny_model_dir), "DEVICE": "cpu"})
+        with pytest.raises(StartupError) as info:
+            startup.start(settings)
+        assert str(info.value).startswith("out of GPU memory loading checkpoints [4] on cpu: ")
+        assert "cannot load the model folder" not in str(info.value)
+
     def test_bad_setting_is_named(self) -> None:
         result = worker("--test_input", job(), LIGHTNING_STEPS="3")
         assert result.returncode == 1
         assert "LIGHTNING_STEPS='3' is invalid" in result.stderr
+
+
+class TestStartLog:
+    def test_the_memory_each_checkpoint_holds_is_logged(
+            self, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+        settings = Settings.from_env({"MODEL_DIR": str(tiny_model_dir), "DEVICE": "cpu",
+                                      "WARMUP": "false", "LIGHTNING_STEPS": "4"})
+        with caplog.at_level(logging.INFO, logger="worker.startup"):
+            engine = startup.start(settings)
+        held = engine.resident_bytes()
+        unet, shared = held["4-step UNet"], held["shared (text encoders, VAE)"]
+        text = pipeline.memory_text
+        assert (f"weights on cpu: 4-step UNet {text(unet)}, shared (text encoders, VAE) "
+                f"{text(shared)}; total {text(unet + shared)}") in caplog.text
+        assert text(5_140_000_000) == "5.14 GB" and text(12_340_000) == "12.3 MB"
 
 
 class TestRunpodModelCache:

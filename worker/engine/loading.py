@@ -14,6 +14,10 @@ Functions only: ``pipeline.Engine.load`` calls them and keeps what they return.
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,11 +25,12 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from worker.errors import ModelFolderError, StartupError
-from worker.spec import CHECKPOINTS, TAESD_DIR, X0_PREDICTION_STEPS
+from worker.spec import CHECKPOINTS, TAESD_DIR, X0_PREDICTION_STEPS, ModelSpec
 
 # fp16 on the GPU (the checkpoints' own precision); fp32 on a CPU, where fp16 is slow and lossy.
 DTYPES = {"cuda": torch.float16, "cpu": torch.float32}
@@ -76,6 +81,8 @@ def load_unet(model_dir: Path, steps: int, device: torch.device,
     state = {k: v.to(dtype) for k, v in load_file(path, device=str(device)).items()}
     try:
         unet.load_state_dict(state, strict=True, assign=True)
+    except torch.OutOfMemoryError:
+        raise  # memory, not a wrong file: Engine.load says so
     except RuntimeError as exc:  # missing/unexpected keys or wrong shapes: wrong file
         raise ModelFolderError(f"{path.name} does not fit unet/config.json: {exc}") from None
     return unet.eval().requires_grad_(False)
@@ -98,10 +105,90 @@ def optimize_for_cuda(modules: Iterable[torch.nn.Module]) -> None:
     """GPU layout and kernels that leave the results unchanged (within fp rounding).
 
     channels_last suits cuDNN's convolutions (the VAE decoder is ~94 % convolution); fused QKV
-    turns three attention projections into one larger matmul. SDPA attention is diffusers'
-    default already.
+    turns three attention projections into one larger matmul (``fuse_qkv``). SDPA attention is
+    diffusers' default already.
     """
     for module in modules:
         module.to(memory_format=torch.channels_last)
-        if hasattr(module, "fuse_qkv_projections"):
-            module.fuse_qkv_projections()
+        fuse_qkv(module)
+
+
+# Set on a module whose projections fuse_qkv fused; a second optimize() leaves it alone (the
+# separate projections it would fuse again are gone).
+FUSED_FOR_GOOD = "_qkv_fused_for_good"
+
+
+def fuse_qkv(module: torch.nn.Module) -> None:
+    """Fuse each attention's Q/K/V projections (K/V in cross-attention) and free the originals.
+
+    diffusers' ``fuse_qkv_projections`` (0.42) concatenates the weights into ``to_qkv`` /
+    ``to_kv`` but keeps ``to_q``/``to_k``/``to_v`` for ``unfuse_qkv_projections``: on SDXL's
+    UNet that is 0.648 B parameters (1.30 GB in fp16) that ``FusedAttnProcessor2_0`` never reads,
+    per checkpoint. Here each attention is fused and its unused projections deleted one at a
+    time (so loading never holds both copies of the whole UNet), keeping ``to_q`` in
+    cross-attention, which the fused processor still uses. The arithmetic is diffusers' own, so
+    the images are the same bit for bit. The worker never unfuses; ``unfuse_qkv_projections``
+    now says it cannot rather than switch back to processors whose weights are gone.
+    """
+    if not hasattr(module, "fuse_qkv_projections") or getattr(module, FUSED_FOR_GOOD, False):
+        return
+    if any("Added" in type(p).__name__ for p in module.attn_processors.values()):
+        return  # added-KV attention: diffusers refuses to fuse it too (not in SDXL)
+    for attn in [m for m in module.modules() if isinstance(m, Attention)]:
+        attn.fuse_projections(fuse=True)
+        unused = ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
+        for name in unused:
+            delattr(attn, name)
+    module.set_attn_processor(FusedAttnProcessor2_0())
+    module.unfuse_qkv_projections = _cannot_unfuse
+    setattr(module, FUSED_FOR_GOOD, True)
+
+
+def _cannot_unfuse() -> None:
+    raise RuntimeError("fused QKV projections cannot be unfused: the separate Q/K/V weights were "
+                       "freed after fusing (worker/engine/loading.py fuse_qkv); load the model "
+                       "again without optimize() for unfused attention")
+
+
+def resident_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters and buffers (each tensor counted once)."""
+    return sum(t.numel() * t.element_size()
+               for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def gpu_memory(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes of ``device`` if it is a GPU that can tell, else ``None``."""
+    if device.type != "cuda":
+        return None
+    try:
+        return torch.cuda.mem_get_info(device)
+    except RuntimeError:
+        return None
+
+
+def weights_bytes(model_dir: Path, spec: ModelSpec, dtype: torch.dtype) -> dict[str, int]:
+    """What each of the spec's weight files takes in memory in ``dtype``, by path.
+
+    Element counts come from the ``.safetensors`` headers (8 bytes of length, then JSON), so
+    nothing is loaded; a ``.bin`` file (the safety checker's) is counted as fp32, as CompVis
+    ships it. Files that are absent or unreadable are left out.
+    """
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    sizes = {}
+    for f in spec.files():
+        path = model_dir / f.path
+        try:
+            if path.suffix == ".safetensors":
+                with path.open("rb") as stream:
+                    (length,) = struct.unpack("<Q", stream.read(8))
+                    header = json.loads(stream.read(length))
+                numel = sum(math.prod(entry["shape"]) for name, entry in header.items()
+                            if name != "__metadata__")
+            elif path.suffix == ".bin":
+                numel = path.stat().st_size // 4
+            else:
+                continue
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            continue
+        sizes[f.path] = numel * itemsize
+    return sizes
