@@ -18,6 +18,7 @@ imports beyond the standard library.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 
 # A marker: 0xFF and a code that is neither stuffing (0x00) nor fill (0xFF).
@@ -26,6 +27,8 @@ _MARKER = re.compile(rb"\xff[^\x00\xff]")
 _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _NO_LENGTH = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI: markers without a length field
 _SOS, _EOI = 0xDA, 0xD9
+_PNG_CHUNK = struct.Struct(">I4s")  # length, type
+_RIFF_CHUNK = struct.Struct("<4sI")  # type, length
 
 
 @dataclass(frozen=True)
@@ -74,14 +77,19 @@ def _over(fmt: str, what: str, limit: int, usual: str) -> str:
 def _jpeg(data: bytes, limits: WorkLimits) -> str | None:
     pos, segments, scans, padding, in_scan = 2, 0, 0, 0, False  # after SOI
     while True:
-        found = (_SCAN_END if in_scan else _MARKER).search(data, pos)
-        if found is None:
-            return None  # cut short: the decoder reports it
-        if scans == 0:  # the header, which Pillow reads in Python
-            padding += found.start() - pos
-            if padding > limits.jpeg_header_padding:
+        if scans == 0:  # the header, which Pillow reads in Python: look no further than allowed
+            window = pos + limits.jpeg_header_padding - padding + 2
+            found = _MARKER.search(data, pos, window)
+            if found is None:
+                if window >= len(data):
+                    return None  # cut short: the decoder reports it
                 return _over("JPEG", "bytes of padding between header segments",
                              limits.jpeg_header_padding, "encoders write none")
+            padding += found.start() - pos
+        else:
+            found = (_SCAN_END if in_scan else _MARKER).search(data, pos)
+            if found is None:
+                return None  # cut short: the decoder reports it
         code, pos = data[found.start() + 1], found.end()
         if code == _EOI:
             return None  # the image ends; what follows (an MPO's next image) is not decoded
@@ -104,26 +112,27 @@ def _jpeg(data: bytes, limits: WorkLimits) -> str | None:
 
 
 def _png(data: bytes, limits: WorkLimits) -> str | None:
-    pos, chunks = 8, 0  # after the signature
-    while pos + 8 <= len(data):
+    pos, chunks, end = 8, 0, len(data) - 8  # after the signature
+    while pos <= end:
         chunks += 1
         if chunks > limits.png_chunks:
             return _over("PNG", "chunks", limits.png_chunks,
                          "encoders write one per 8 KiB of pixel data or fewer")
-        if data[pos + 4:pos + 8] == b"IEND":
+        length, kind = _PNG_CHUNK.unpack_from(data, pos)
+        if kind == b"IEND":
             return None
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")  # length, type, data, CRC
+        pos += 12 + length  # length, type, data, CRC
     return None
 
 
 def _webp(data: bytes, limits: WorkLimits) -> str | None:
-    pos, chunks = 12, 0  # after RIFF, the size and WEBP
-    while pos + 8 <= len(data):
+    pos, chunks, end = 12, 0, len(data) - 8  # after RIFF, the size and WEBP
+    while pos <= end:
         chunks += 1
         if chunks > limits.webp_chunks:
             return _over("WEBP", "chunks (frames and metadata)", limits.webp_chunks,
                          "a still image has at most 7")
-        size = int.from_bytes(data[pos + 4:pos + 8], "little")
+        size = _RIFF_CHUNK.unpack_from(data, pos)[1]
         pos += 8 + size + (size & 1)  # chunks are padded to an even length
     return None
 
