@@ -75,13 +75,17 @@ def png_chunks(base: bytes, count: int) -> bytes:
 
 
 def png_split_idat(base: bytes, size: int) -> bytes:
-    """``base`` (a PNG with a single IDAT, as Pillow writes small ones) with its pixel data
+    """``base`` (a PNG) with its pixel data (all its IDAT chunks, which follow each other)
     split into IDAT chunks of ``size`` bytes."""
-    start = base.index(b"IDAT") - 4
-    length = int.from_bytes(base[start:start + 4], "big")
-    data = base[start + 8:start + 8 + length]
-    idats = b"".join(png_chunk(b"IDAT", data[i:i + size]) for i in range(0, len(data), size))
-    return base[:start] + idats + base[start + 12 + length:]
+    first = pos = base.index(b"IDAT") - 4
+    data = []
+    while base[pos + 4:pos + 8] == b"IDAT":
+        length = int.from_bytes(base[pos:pos + 4], "big")
+        data.append(base[pos + 8:pos + 8 + length])
+        pos += 12 + length
+    joined = b"".join(data)
+    idats = b"".join(png_chunk(b"IDAT", joined[i:i + size]) for i in range(0, len(joined), size))
+    return base[:first] + idats + base[pos:]
 
 
 def webp_frames(count: int, size: tuple[int, int] = (16, 16)) -> bytes:

@@ -42,7 +42,7 @@ class WorkLimits:
     # into 64 KiB APPn segments (ICC numbers at most 255, extended XMP) adds ~320 in 20 MiB.
     jpeg_segments: int = 1024
     # Bytes between header segments (0xFF fill, junk): encoders write none. Pillow reads each
-    # in Python (0.27 s a MiB measured, bench/RESULTS.md "Decode work").
+    # in Python (0.18 s a MiB measured: bench/RESULTS.md, "Decode work").
     jpeg_header_padding: int = 1024
     # libpng splits pixel data into 8 KiB IDAT chunks (2560 in a 20 MiB file), Pillow into 64 KiB;
     # one per row of an 8192-row image is 8192; APNG adds two per frame.
