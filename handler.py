@@ -34,7 +34,7 @@ import pipeline
 from schemas import parse_request
 from worker.errors import InputError, JobError, StartupError, bug_report
 from worker.gpu_queue import GpuWorker
-from worker.inputs.prepare import prepare
+from worker.inputs.prepare import prepare_async
 from worker.outputs import delivery, upload
 from worker.plan import StepCallback
 from worker.settings import Settings
@@ -83,8 +83,8 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
     try:
         request = parse_request(job.get("input"))
         bucket = await asyncio.to_thread(DELIVERY.bucket_for, job.get("s3Config"))  # DNS
-        plan, warnings = await asyncio.to_thread(
-            prepare, request, ENGINE.steps, SETTINGS.safety_mode, ENGINE.count_tokens)
+        plan, warnings = await prepare_async(
+            request, ENGINE.steps, SETTINGS.safety_mode, ENGINE.count_tokens)
         DELIVERY.check_estimate(plan, bucket)
     except InputError as exc:
         return rejected(job_id, exc)

@@ -28,11 +28,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from tests.support import image_bombs as bombs
 from tests.support.http_fixtures import LocalServer, Network, Route, make_certificate
 from worker.errors import InputError
 from worker.inputs import fetch, images
 from worker.inputs.fetch import FetchError, FetchLimits, blocked_reason
 from worker.inputs.images import InputLimits, load_image, load_mask
+from worker.inputs.structure import WORK_LIMITS, WorkLimits
 
 # worker/runtime.py silences Pillow's bomb warning for the worker process; that is checked in a
 # fresh interpreter below (TestBombs). Here the warning would only be noise.
@@ -322,6 +324,113 @@ class TestBombs:
             results = list(pool.map(outcome, [PNG, bomb_png(12000, 12000)] * 8))
         assert results == [PIXELS.tobytes(),
                            "image: 12000x12000 pixels is over the 16.8 MP limit"] * 8
+
+
+class TestWorkBombs:
+    """Small in bytes and pixels, costly in work: refused from their structure, undecoded; the
+    same files with counts under the limits decode to the pixels of the file they were made
+    from, so a refusal is for the count alone."""
+
+    def over(self, fmt: str, what: str, limit: int, usual: str) -> str:
+        return (f"image: {fmt} with more than {limit} {what}: refused before decoding (the limit "
+                f"is {limit}; {usual})")
+
+    def test_repeated_jpeg_scans_are_refused_before_decoding(
+            self, decoded: list[tuple[int, int]]) -> None:
+        data = bombs.repeated_scans(1024, 1024, 1000)  # 1010 scans, each one a walk of 1 MP
+        assert len(data) < 20_000
+        assert message(data) == self.over("JPEG", "scans", 64, "encoders write at most 18")
+        assert decoded == []
+
+    def test_up_to_the_scan_limit_the_same_file_decodes(self) -> None:
+        plain, at_limit = bombs.repeated_scans(64, 48, 0), bombs.repeated_scans(64, 48, 54)
+        assert len(bombs.jpeg_scans(plain)) == 10 and len(bombs.jpeg_scans(at_limit)) == 64
+        np.testing.assert_array_equal(np.asarray(load_image(at_limit, "image")),
+                                      np.asarray(load_image(plain, "image")))
+        assert "more than 64 scans" in message(bombs.repeated_scans(64, 48, 55))
+
+    @pytest.mark.parametrize(("mode", "scans"), [("RGB", 10), ("L", 6), ("CMYK", 18)])
+    def test_libjpeg_progressive_files_are_far_under_the_limit(self, mode: str,
+                                                               scans: int) -> None:
+        data = encode(pattern(64, 48).convert(mode), "JPEG", progressive=True)
+        assert len(bombs.jpeg_scans(data)) == scans < WORK_LIMITS.jpeg_scans
+        assert load_image(data, "image").size == (64, 48)
+
+    def test_many_jpeg_segments(self, decoded: list[tuple[int, int]]) -> None:
+        base = encode(pattern(), "JPEG", quality=95)
+        np.testing.assert_array_equal(np.asarray(load_image(bombs.jpeg_segments(base, 500),
+                                                            "image")),
+                                      np.asarray(load_image(base, "image")))
+        decoded.clear()
+        assert message(bombs.jpeg_segments(base, 1024)) == \
+            self.over("JPEG", "marker segments", 1024, "encoders write under 400")
+        assert decoded == []
+
+    def test_padding_between_jpeg_header_segments(self, decoded: list[tuple[int, int]]) -> None:
+        base = encode(pattern(), "JPEG", quality=95)
+        np.testing.assert_array_equal(np.asarray(load_image(bombs.jpeg_padding(base, 1024),
+                                                            "image")),
+                                      np.asarray(load_image(base, "image")))
+        decoded.clear()
+        expected = self.over("JPEG", "bytes of padding between header segments", 1024,
+                             "encoders write none")
+        assert message(bombs.jpeg_padding(base, 1025)) == expected
+        assert message(bombs.jpeg_padding(base, 20 * 2**20 - 1024)) == expected  # one search
+        assert decoded == []
+
+    def test_what_follows_the_end_of_a_jpeg_is_not_counted(self) -> None:
+        # An MPO (a camera's multi-picture JPEG) carries its next images there; none is decoded.
+        base = encode(pattern(), "JPEG", quality=95)
+        data = base + bombs.repeated_scans(64, 48, 100)
+        np.testing.assert_array_equal(np.asarray(load_image(data, "image")),
+                                      np.asarray(load_image(base, "image")))
+
+    def test_many_png_chunks(self, decoded: list[tuple[int, int]]) -> None:
+        np.testing.assert_array_equal(np.asarray(load_image(bombs.png_chunks(PNG, 1000),
+                                                            "image")), PIXELS)
+        decoded.clear()
+        expected = self.over("PNG", "chunks", 16384,
+                             "encoders write one per 8 KiB of pixel data or fewer")
+        assert message(bombs.png_chunks(PNG, 16384)) == expected
+        noisy = encode(pattern(128, 128))
+        assert len(noisy) > 16384  # one-byte IDATs: more chunks than the limit
+        assert message(bombs.png_split_idat(noisy, 1)) == expected
+        assert decoded == []
+
+    def test_png_pixel_data_split_into_small_chunks_decodes(self) -> None:
+        one_byte_idats = bombs.png_split_idat(PNG, 1)
+        assert one_byte_idats.count(b"IDAT") > 100
+        np.testing.assert_array_equal(np.asarray(load_image(one_byte_idats, "image")), PIXELS)
+
+    def test_many_webp_frames(self, decoded: list[tuple[int, int]]) -> None:
+        image = load_image(bombs.webp_frames(3), "image")
+        assert image.size == (16, 16) and image.getextrema() == ((255, 255), (0, 0), (0, 0))
+        decoded.clear()
+        assert message(bombs.webp_frames(16384)) == self.over(
+            "WEBP", "chunks (frames and metadata)", 16384, "a still image has at most 7")
+        assert decoded == []
+
+    def test_many_gif_blocks_before_the_first_image(self,
+                                                    decoded: list[tuple[int, int]]) -> None:
+        gif = InputLimits(formats={"GIF"})
+        base = encode(pattern(), "GIF")
+        np.testing.assert_array_equal(
+            np.asarray(load_image(bombs.gif_blocks(base, 100), "image", gif)),
+            np.asarray(load_image(base, "image", gif)))
+        decoded.clear()
+        assert message(bombs.gif_blocks(base, 4096), gif) == self.over(
+            "GIF", "blocks before its first image", 4096, "encoders write under 10")
+        assert decoded == []
+        # Not accepted: the format is named, as before, whatever the structure.
+        assert message(bombs.gif_blocks(base, 4096)) == \
+            "image: format GIF is not accepted (JPEG, PNG, WEBP)"
+
+    def test_the_limits_can_be_set(self) -> None:
+        strict = InputLimits(work=WorkLimits(jpeg_scans=5))
+        data = encode(pattern(), "JPEG", progressive=True)
+        assert "image: JPEG with more than 5 scans" in message(data, strict)
+        with pytest.raises(ValueError, match="invalid"):
+            WorkLimits(png_chunks=0)
 
 
 class TestMask:

@@ -6,6 +6,7 @@ end), so no model is needed: the real counter is tested on the tiny model.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from typing import Any
@@ -17,7 +18,8 @@ from PIL import Image
 from schemas import parse_request
 from worker.errors import InputError
 from worker.inputs import images
-from worker.inputs.prepare import prepare
+from worker.inputs.pool import DecodePool, shared_pool
+from worker.inputs.prepare import prepare, prepare_async
 
 
 def count_words(text: str) -> int:
@@ -92,3 +94,31 @@ class TestTruncation:
     def test_a_used_negative_prompt_is_counted(self) -> None:
         _, warnings = prepared(negative_prompt="word " * 80, guidance_scale=2)
         assert warnings == ["negative_prompt is 82 CLIP tokens; only the first 77 were used"]
+
+
+class TestPrepareAsync:
+    """What the handler awaits: the same plan, its images decoded in the decode pool."""
+
+    def test_the_same_plan_from_the_shared_pool(self) -> None:
+        fields = {"prompt": "a fox", "seed": 1, "image": png(601, 700), "strength": 0.5,
+                  "mask": png(64, 64, "L", 255)}
+        here, here_warnings = prepare(parse_request(fields), (4,), "off", count_words)
+        there, there_warnings = asyncio.run(prepare_async(parse_request(fields), (4,), "off",
+                                                          count_words))
+        assert there_warnings == here_warnings and there.mode == here.mode == "inpaint"
+        for image in ("init_image", "mask_image"):
+            np.testing.assert_array_equal(np.asarray(getattr(there, image)),
+                                          np.asarray(getattr(here, image)))
+        assert shared_pool() is shared_pool() and shared_pool()._idle  # kept warm
+
+    def test_a_text_only_job_starts_no_decoder(self) -> None:
+        with DecodePool() as pool:
+            plan, _ = asyncio.run(prepare_async(parse_request({"prompt": "a fox"}), (4,), "off",
+                                                count_words, pool=pool))
+            assert plan.init_image is None and pool._idle == [] and pool.busy == []
+
+    def test_errors_name_the_field(self) -> None:
+        request = parse_request({"prompt": "a fox", "image": png(64, 64),
+                                 "mask": base64.b64encode(b"GIF89a").decode()})
+        with pytest.raises(InputError, match=r"^mask: format GIF is not accepted"):
+            asyncio.run(prepare_async(request, (4,), "off", count_words))

@@ -1,9 +1,11 @@
 """Turns a job's ``image`` / ``mask`` field into a PIL image, refusing anything unsafe.
 
-Owns: the encodings a field may use, the byte, pixel and format limits, decoding (sizes checked
-from the header before any pixel is decoded) and mode and orientation normalisation. URLs are
-fetched by ``inputs/fetch``; its ``FetchError`` gains the field's name here. Every refusal is an
-``InputError`` whose message starts with the field.
+Owns: the encodings a field may use, the byte, pixel and format limits, decoding (the file's
+structure checked by ``inputs/structure`` and its size from the header before any pixel is
+decoded) and mode and orientation normalisation. URLs are fetched by ``inputs/fetch``; its
+``FetchError`` gains the field's name here. Every refusal is an ``InputError`` whose message
+starts with the field. Decoding runs in the calling thread unless a ``decoder`` is given: the
+worker passes one that decodes in a separate process within a CPU-time budget (``inputs/pool``).
 
 One value may be (what Cloudflare Workers AI, Replicate and RunPod clients send):
 - base64, raw or as a ``data:<type>;base64,`` URI; whitespace, missing padding and the URL-safe
@@ -15,7 +17,9 @@ Limits (``InputLimits``; defaults): 20 MiB a file (RunPod's /runsync payload cap
 nothing larger arrives inline); 16.8 MP (4096²) and 8192 px a side (outputs are at most 1536²);
 formats PNG, JPEG and WEBP (GIF is palette-only and animated, BMP and TIFF are rare from API
 clients and widen the decoder surface; ``formats`` can add them); for URLs 10 s for the whole
-download, redirects included, at most 3 redirects, https only, public addresses only.
+download, redirects included, at most 3 redirects, https only, public addresses only; the
+structure limits of ``inputs/structure.WorkLimits`` (JPEG scans and segments, PNG and WebP
+chunks, GIF blocks).
 
 Results: ``load_image`` gives RGB with transparency composited on white (what a viewer shows;
 dropping alpha would expose whatever colour transparent pixels happen to store) and EXIF
@@ -33,6 +37,7 @@ import io
 import logging
 import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +55,7 @@ from worker.inputs.fetch import (
     system_resolver,
     tcp_connect,
 )
+from worker.inputs.structure import WORK_LIMITS, WorkLimits, refusal
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ class InputLimits:
     allow_http: bool = False
     allow_private: bool = False
     max_redirects: int = 3
+    work: WorkLimits = WORK_LIMITS  # the structure a file may have (inputs/structure)
 
     def __post_init__(self) -> None:
         if min(self.max_bytes, self.max_pixels, self.max_side) < 1 or self.url_timeout_s <= 0 \
@@ -86,19 +93,31 @@ class InputLimits:
 DEFAULT_LIMITS = InputLimits()
 
 
+def decode_flat(data: bytes, field: str, limits: InputLimits, mode: str,
+                background: int) -> Image.Image:
+    """``data`` decoded (``decode``) and flattened to ``mode`` ("RGB" or "L") on grey
+    ``background``: the whole CPU-heavy part of loading a field, what a ``Decoder`` does."""
+    return _flatten(decode(data, field, limits), mode, background)
+
+
+# (data, field, limits, mode, background) -> image: ``decode_flat`` here, or in another process.
+Decoder = Callable[[bytes, str, InputLimits, str, int], Image.Image]
+
+
 def load_image(value: Any, field: str, limits: InputLimits = DEFAULT_LIMITS, *,
                resolver: Resolver = system_resolver, opener: Opener = tcp_connect,
-               ssl_context: ssl.SSLContext | None = None) -> Image.Image:
+               ssl_context: ssl.SSLContext | None = None,
+               decoder: Decoder = decode_flat) -> Image.Image:
     """``value`` as an RGB image; raises ``InputError`` naming ``field``."""
     data = read_bytes(value, field, limits, resolver=resolver, opener=opener,
                       ssl_context=ssl_context)
-    return _flatten(decode(data, field, limits), "RGB", background=255)
+    return decoder(data, field, limits, "RGB", 255)
 
 
 def load_mask(value: Any, field: str, size: tuple[int, int],
               limits: InputLimits = DEFAULT_LIMITS, *, resolver: Resolver = system_resolver,
               opener: Opener = tcp_connect, ssl_context: ssl.SSLContext | None = None,
-              ) -> Image.Image:
+              decoder: Decoder = decode_flat) -> Image.Image:
     """``value`` as an "L" mask of ``size`` (width, height): white = repaint, black = keep.
 
     Stretched to ``size`` with bilinear resampling: no ringing, edges stay where they were; grey
@@ -108,7 +127,7 @@ def load_mask(value: Any, field: str, size: tuple[int, int],
         raise ValueError(f"size must be (width, height) in pixels, got {size!r}")
     data = read_bytes(value, field, limits, resolver=resolver, opener=opener,
                       ssl_context=ssl_context)
-    mask = _flatten(decode(data, field, limits), "L", background=0)
+    mask = decoder(data, field, limits, "L", 0)
     return mask if mask.size == tuple(size) else mask.resize(size, Image.Resampling.BILINEAR)
 
 
@@ -182,8 +201,12 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
 def decode(data: bytes, field: str, limits: InputLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Open ``data`` (accepted formats only), check its size from the header, then decode it."""
+    """Open ``data`` (accepted formats only), check its structure and its size from the header,
+    then decode it."""
     pixel_limit = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
+    sniffed = sniff(data)  # before Image.open: Pillow parses headers in Python, byte by byte
+    if sniffed in limits.formats and (reason := refusal(data, sniffed, limits.work)):
+        raise _error(field, reason)
     try:
         image = Image.open(io.BytesIO(data), formats=sorted(limits.formats))  # header only
     except Image.DecompressionBombError as exc:

@@ -3,31 +3,55 @@
 Decodes the init image (``images``), resolves the exact parameters (``plan.resolve``, which
 needs the init image's size), resizes the init image to the output size and loads the mask at
 that size, and warns when a prompt runs past what CLIP reads. Blocking (decoding, resizing):
-the handler runs it in a thread. Caller mistakes raise ``InputError``.
+the handler awaits ``prepare_async``, which runs it on the decode pool's threads with the images
+decoded in the pool's processes, within the job's CPU-time budget (``inputs/pool``); cancelling
+the awaiting task kills a decode in progress. Caller mistakes raise ``InputError``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Callable
 
 from PIL import Image
 
 from schemas import CLIP_MAX_TOKENS, GenerateRequest
-from worker.inputs.images import load_image, load_mask
+from worker.inputs.images import Decoder, decode_flat, load_image, load_mask
+from worker.inputs.pool import DecodePool, shared_pool
 from worker.plan import Plan, resolve
 
 
+async def prepare_async(request: GenerateRequest, steps: tuple[int, ...], safety_mode: str,
+                        count_tokens: Callable[[str], int], pool: DecodePool | None = None,
+                        ) -> tuple[Plan, list[str]]:
+    """``prepare`` on ``pool``'s threads (the worker's shared pool by default), its images
+    decoded in the pool's processes; if the awaiting task is cancelled, so is the decode."""
+    pool = pool or shared_pool()
+    decoder = pool.job()
+    work = functools.partial(prepare, request, steps, safety_mode, count_tokens, decoder)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool.threads, work)
+    except asyncio.CancelledError:
+        decoder.cancel()  # the thread returns as soon as its decoder process is killed
+        raise
+
+
 def prepare(request: GenerateRequest, steps: tuple[int, ...], safety_mode: str,
-            count_tokens: Callable[[str], int]) -> tuple[Plan, list[str]]:
+            count_tokens: Callable[[str], int], decoder: Decoder = decode_flat,
+            ) -> tuple[Plan, list[str]]:
     """The plan for ``request`` on a worker with checkpoints ``steps`` loaded and
-    ``SAFETY_CHECKER=safety_mode``, and every warning about what changed or went unused."""
-    init = load_image(request.image, "image") if request.image is not None else None
+    ``SAFETY_CHECKER=safety_mode``, and every warning about what changed or went unused.
+    Images are decoded by ``decoder`` (in this thread by default)."""
+    init = (load_image(request.image, "image", decoder=decoder)
+            if request.image is not None else None)
     plan, warnings = resolve(request, steps, safety_mode=safety_mode,
                              image_size=init.size if init else None)
     if init is not None:
         size = (plan.width, plan.height)
         init = init if init.size == size else init.resize(size, Image.Resampling.LANCZOS)
-        mask = load_mask(request.mask, "mask", size) if request.mask is not None else None
+        mask = (load_mask(request.mask, "mask", size, decoder=decoder)
+                if request.mask is not None else None)
         plan = plan.with_images(init, mask)
     return plan, warnings + truncation_warnings(plan, count_tokens)
 
