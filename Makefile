@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TINY_DIR ?= /tmp/sdxl-lightning-tiny
 
-.PHONY: run test test-fast test-unit lint clean
+.PHONY: run serve serve-http test test-fast test-unit lint clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	python3 -m venv $(VENV)
@@ -19,6 +19,25 @@ ifdef TINY
 else
 	$(PY) handler.py
 endif
+
+# Local servers on 127.0.0.1:$(PORT): the real model where MODEL_DIR or the baked folder holds it,
+# else the tiny random one (built on the spot).
+PORT ?= 8000
+BAKED := models/sdxl-lightning
+SERVE_MODEL = $(or $(MODEL_DIR),$(if $(wildcard $(BAKED)/unet),$(BAKED),$(TINY_DIR)))
+
+# RunPod's local test API (the SDK's --rp_serve_api): POST /runsync, POST /run, POST /status/<id>.
+serve: $(VENV)/.installed
+	@test "$(SERVE_MODEL)" != "$(TINY_DIR)" || $(PY) -m builder.make_tiny_model $(TINY_DIR)
+	@echo "RunPod's local test API: http://127.0.0.1:$(PORT) (model folder $(SERVE_MODEL))"
+	MODEL_DIR=$(SERVE_MODEL) $(PY) handler.py --rp_serve_api --rp_api_host 127.0.0.1 \
+		--rp_api_port $(PORT)
+
+# HTTP mode (a load-balancing endpoint's server): /ping, /v1/generate, OpenAI and A1111 routes.
+serve-http: $(VENV)/.installed
+	@test "$(SERVE_MODEL)" != "$(TINY_DIR)" || $(PY) -m builder.make_tiny_model $(TINY_DIR)
+	@echo "HTTP mode: http://127.0.0.1:$(PORT) (model folder $(SERVE_MODEL))"
+	MODEL_DIR=$(SERVE_MODEL) WORKER_MODE=http HOST=127.0.0.1 PORT=$(PORT) $(PY) handler.py
 
 # Every kind: tests/unit, tests/integration and the slow tests/e2e proofs (what CI runs).
 test: $(VENV)/.installed

@@ -34,6 +34,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -54,9 +55,9 @@ from safetensors import SafetensorError
 
 from schemas import MIN_SIDE
 from worker.engine import compiler, loading, safety
-from worker.engine.decode import decode_latents
+from worker.engine.decode import decode_latents, preview_jpeg
 from worker.errors import JobError, ModelFolderError, StartupError
-from worker.plan import Plan, StepCallback, warmup_plan
+from worker.plan import BatchStep, Plan, warmup_plan
 from worker.spec import CHECKPOINTS, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -109,15 +110,45 @@ def free_gpu_cache() -> None:
     torch.cuda.empty_cache()
 
 
+class _Estimate:
+    """The scheduler's current x0 estimate, caught from ``step`` for previews (Euler, Heun and
+    DDIM return it; DPM-Solver++ keeps it as its last model output; else None: the latents)."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.x0: torch.Tensor | None = None
+        self._scheduler = scheduler
+        step = scheduler.step
+
+        def caught(*args: Any, **kwargs: Any) -> Any:
+            out = step(*args, **kwargs)
+            x0 = getattr(out, "pred_original_sample", None)
+            outputs = getattr(scheduler, "model_outputs", None)
+            if x0 is None and outputs and "++" in str(getattr(scheduler.config,
+                                                              "algorithm_type", "")):
+                x0 = outputs[-1]
+            self.x0 = x0
+            return out
+
+        scheduler.step = caught  # this view's scheduler; the GPU thread runs one batch at a time
+
+    def release(self) -> None:
+        del self._scheduler.step  # back to the class's method
+
+
 class Engine:
     """The loaded model and every torch object of the worker; generation runs on one thread."""
 
     def __init__(self, spec: ModelSpec, pipes: dict[int, StableDiffusionXLPipeline],
                  device: torch.device, dtype: torch.dtype, *, taesd: AutoencoderTiny | None = None,
-                 checker: safety.Checker | None = None) -> None:
+                 checker: safety.Checker | None = None,
+                 previewer: AutoencoderTiny | None = None) -> None:
         self.spec, self.pipes, self.device, self.dtype = spec, pipes, device, dtype
         self.vae = next(iter(pipes.values())).vae  # shared by every checkpoint
         self.taesd = taesd  # TAESDXL, when the spec asks for the tiny decoder
+        # TAESDXL decodes per-step previews (``"preview": true``): the tiny decoder when it is
+        # the worker's decoder, else loaded beside the full VAE when the folder has it (the
+        # Docker image always bakes it; ~10 MB).
+        self.previewer = previewer or taesd
         self.checker = checker  # the safety checker, when the spec asks for it
         # (steps, mode, scheduler) -> a pipeline sharing every module of pipes[steps] but
         # holding its own scheduler, so no job changes the shared pipeline's state. Built on
@@ -157,7 +188,10 @@ class Engine:
                          taesd=loading.load_tiny_decoder(folder, device, dtype)
                          if spec.tiny_decoder else None,
                          checker=safety.load_checker(folder, device, dtype)
-                         if spec.safety_checker else None)
+                         if spec.safety_checker else None,
+                         previewer=loading.load_tiny_decoder(folder, device, dtype)
+                         if not spec.tiny_decoder and loading.has_tiny_decoder(folder)
+                         else None)
             if device.type == "cuda":
                 engine.optimize()
         except torch.OutOfMemoryError:  # a RuntimeError too: caught before the corrupt files
@@ -223,7 +257,7 @@ class Engine:
         return self._views[key]
 
     def generate(self, plans: Sequence[Plan],
-                 on_step: StepCallback | None = None) -> list[list[Image.Image | None]]:
+                 on_step: BatchStep | None = None) -> list[list[Image.Image | None]]:
         """Plans of one ``shape_key`` as one batch, with the policy of the module docstring:
         image j of plan i at ``[i][j]``, ``None`` where the safety checker withheld it."""
         count = sum(len(plan.seeds) for plan in plans)
@@ -240,7 +274,7 @@ class Engine:
                              f"{plans[0].width}x{plans[0].height}: try fewer images or a "
                              f"smaller size")
 
-    def _run_with_fallback(self, plans: Sequence[Plan], on_step: StepCallback | None,
+    def _run_with_fallback(self, plans: Sequence[Plan], on_step: BatchStep | None,
                            count: int) -> list[list[Image.Image]]:
         """One batch; out of GPU memory with several images, free the cache and run them one
         at a time, once (each image has its own generator: the images are the same)."""
@@ -263,7 +297,7 @@ class Engine:
         return [None if flagged else image for image, flagged in zip(images, flags, strict=True)]
 
     def run_batch(self, plans: Sequence[Plan],
-                  on_step: StepCallback | None = None) -> list[list[Image.Image]]:
+                  on_step: BatchStep | None = None) -> list[list[Image.Image]]:
         """One pass through the pipeline for plans of one ``shape_key``, no fallback: image j
         of plan i comes from its own prompt row and generator seeded ``plans[i].seeds[j]``."""
         first = plans[0]
@@ -283,14 +317,23 @@ class Engine:
         if first.mode == "inpaint":
             kwargs["mask_image"] = [p.mask_image for p, _ in rows]
         pipe = self.view(first.steps, first.mode, first.scheduler)
+        estimate = _Estimate(pipe.scheduler) if on_step is not None else None
         if on_step is not None:
+            previewer = self.previewer if any(p.preview for p in plans) else None
+
             def callback(pipe_: DiffusionPipeline, i: int, t: object, tensors: dict) -> dict:
-                on_step(i + 1, pipe_.num_timesteps)
+                latents = estimate.x0 if estimate.x0 is not None else tensors["latents"]
+                on_step(i + 1, pipe_.num_timesteps, None if previewer is None else (
+                    lambda index: preview_jpeg(previewer, latents[index:index + 1])))
                 return tensors
 
             kwargs["callback_on_step_end"] = callback
-        with torch.inference_mode():
-            images = decode_latents(self.taesd or pipe.vae, pipe(**kwargs).images)
+        try:
+            with torch.inference_mode():
+                images = decode_latents(self.taesd or pipe.vae, pipe(**kwargs).images)
+        finally:
+            if estimate is not None:
+                estimate.release()
         out, start = [], 0
         for p in plans:
             out.append(images[start:start + len(p.seeds)])

@@ -57,6 +57,9 @@ ImageValue = Annotated[str, Field(strict=True)] | Annotated[list[Any], Field(str
 SCHEDULERS = ("K_EULER", "K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep", "KarrasDPM",
               "DPM++2MSDE", "HeunDiscrete", "PNDM")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+# Which mask pixels repaint: ours and A1111's (white), A1111's inverted (black), OpenAI's
+# (fully transparent: the mask must have an alpha channel).
+MASK_MODES = ("white", "black", "transparent")
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # inpainting repaints the masked area fully
 
 # Other providers' names for our fields (Cloudflare Workers AI, Replicate/Eachlabs, Runflow), so
@@ -84,6 +87,9 @@ RULES: dict[str, str] = {
     "output_format": ", ".join(OUTPUT_FORMATS) + " (jpg = jpeg)",
     "quality": "an integer from 1 to 100 (jpeg and webp)",
     "disable_safety_checker": "true or false",
+    "mask_mode": "which mask pixels repaint: white (default), black, or transparent (alpha 0; "
+                 "the mask needs an alpha channel)",
+    "preview": "true or false: a small JPEG of each step's estimate in the progress updates",
 }
 
 
@@ -121,6 +127,8 @@ class GenerateRequest(BaseModel):
                                              else _lower(v))] = "png"
     quality: Int = Field(90, ge=1, le=100)
     disable_safety_checker: bool = False
+    mask_mode: Annotated[Literal[MASK_MODES], BeforeValidator(_lower)] = "white"
+    preview: bool = False
 
     @field_validator("prompt")
     @classmethod

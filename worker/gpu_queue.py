@@ -13,6 +13,7 @@ others complete. Pure threading, no torch: the generation function is injected
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -22,11 +23,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.plan import Plan, StepCallback
+from worker.plan import BatchStep, Plan, StepCallback
 
 log = logging.getLogger(__name__)
 
-BatchFn = Callable[[Sequence[Plan], StepCallback | None], list[list[Any]]]
+BatchFn = Callable[[Sequence[Plan], BatchStep | None], list[list[Any]]]
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,22 @@ class Pending:
     submitted: float = field(default_factory=time.perf_counter)
 
 
-def _fan_out(callbacks: list[StepCallback]) -> StepCallback | None:
-    """One step callback that reports progress to every job of a batch; one failing is ignored."""
-    if not callbacks:
+def _fan_out(batch: list[Pending]) -> BatchStep | None:
+    """One step callback that reports progress to every job of a batch, each with the preview
+    of its own first image; one failing is ignored."""
+    jobs, offset = [], 0
+    for pending in batch:
+        if pending.on_step is not None:
+            jobs.append((pending.on_step, offset))
+        offset += len(pending.plan.seeds)
+    if not jobs:
         return None
 
-    def report(done: int, total: int) -> None:
-        for callback in callbacks:
+    def report(done: int, total: int, preview: Callable[[int], bytes] | None = None) -> None:
+        for callback, first in jobs:
+            own = None if preview is None else functools.partial(preview, first)
             try:
-                callback(done, total)
+                callback(done, total, own)
             except Exception:  # noqa: BLE001 - progress is best effort, never a job failure
                 log.warning("progress callback failed", exc_info=True)
 
@@ -122,8 +130,7 @@ class GpuWorker:
     def _run(self, batch: list[Pending]) -> None:
         started = time.perf_counter()
         try:
-            results = self._run_batch([p.plan for p in batch],
-                                      _fan_out([p.on_step for p in batch if p.on_step]))
+            results = self._run_batch([p.plan for p in batch], _fan_out(batch))
         except BaseException as exc:  # noqa: BLE001 - a dead GPU thread would hang every job
             if not isinstance(exc, Exception) or len(batch) == 1:
                 for pending in batch:

@@ -26,7 +26,13 @@ from schemas import (
 from worker.errors import InputError
 from worker.spec import CHECKPOINTS, MODEL_NAME, X0_PREDICTION_STEPS
 
-StepCallback = Callable[[int, int], None]  # (steps done, steps in this run): per-step progress
+# A JPEG of the current estimate of a job's first image, made only when called (it costs a
+# TAESDXL decode on the GPU thread); None where no preview can be made.
+Preview = Callable[[], bytes]
+# Per-step progress of one job: (steps done, steps in this run, its preview or None).
+StepCallback = Callable[[int, int, "Preview | None"], None]
+# The engine's per-step report for a whole batch: the preview takes the image's index in it.
+BatchStep = Callable[[int, int, "Callable[[int], bytes] | None"], None]
 
 # diffusers runs classifier-free guidance only when guidance_scale > 1; at or below it the
 # negative prompt is never encoded and the value changes nothing.
@@ -58,6 +64,7 @@ class Plan:
     output_format: str = "png"
     quality: int = 90
     safety_check: bool = False  # this job's images go through the safety checker
+    preview: bool = False  # per-step previews of the estimate, for progress updates
     init_image: Any = None  # PIL images at (width, height), attached by inputs/prepare.py
     mask_image: Any = None
 
@@ -229,7 +236,7 @@ def resolve(req: GenerateRequest, available_steps: tuple[int, ...], *, safety_mo
     plan = Plan(prompt=req.prompt, negative_prompt=negative, width=width, height=height,
                 steps=steps, guidance_scale=guidance, seeds=seeds, mode=req.mode,
                 strength=strength, scheduler=req.scheduler, output_format=req.output_format,
-                quality=req.quality, safety_check=checked)
+                quality=req.quality, safety_check=checked, preview=req.preview)
     warnings += [w for w in (w_warn, h_warn, s_warn) if w] + strength_warnings + g_warnings
     if req.output_format == "png" and "quality" in req.model_fields_set:
         warnings.append("quality was ignored: png is lossless")

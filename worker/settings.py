@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from worker.errors import StartupError
@@ -133,6 +133,16 @@ class Settings(BaseModel):
     compile_sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)
     compile_cache_dir: Path | None = None
     bucket_env: Mapping[str, str] = {}  # the BUCKET_* variables that are set (outputs/upload)
+    # HTTP mode (RunPod load-balancing endpoints): see worker/frontdoor. RunPod's default PORT
+    # is 80, and PORT_HEALTH defaults to PORT.
+    worker_mode: Literal["queue", "http"] = "queue"
+    host: str = "0.0.0.0"  # noqa: S104 - RunPod's proxy reaches the container on its address
+    port: int = 80
+    port_health_setting: int | None = None
+    # Requests that may wait for a slot beyond MAX_CONCURRENCY; the next one gets 429 at once
+    # (load-balancing endpoints have no queue of their own: waiting longer only times out).
+    max_waiting: int = 8
+    api_key: str | None = Field(None, repr=False)  # a secret: never in a repr or a log line
 
     # Environment variable -> field. The README and hub.json list exactly these.
     ENV: ClassVar[Mapping[str, str]] = {
@@ -143,6 +153,8 @@ class Settings(BaseModel):
         "VAE_DECODER": "vae_decoder",
         "COMPILE": "compile", "COMPILE_SIZES": "compile_sizes",
         "COMPILE_CACHE_DIR": "compile_cache_dir", "DEVICE": "device",
+        "WORKER_MODE": "worker_mode", "HOST": "host", "PORT": "port",
+        "PORT_HEALTH": "port_health_setting", "MAX_WAITING": "max_waiting", "API_KEY": "api_key",
         **{name: "bucket_env" for name in BUCKET_ENV}}
     _PARSE: ClassVar[Mapping[str, Callable[[str, str], Any]]] = {
         "model_dir": _path, "lightning_steps": _parse_steps, "warmup": _parse_bool,
@@ -152,7 +164,14 @@ class Settings(BaseModel):
         "upload_deadline_s": lambda name, text: float(_int_range(1, 3600)(name, text)),
         "vae_decoder": _choice("full", "tiny"), "device": _choice("auto", "cuda", "cpu"),
         "compile": _parse_bool, "compile_sizes": _parse_sizes, "compile_cache_dir": _path,
+        "worker_mode": _choice("queue", "http"), "host": lambda name, text: text.strip(),
+        "port": _int_range(1, 65535), "port_health_setting": _int_range(1, 65535),
+        "max_waiting": _int_range(0, 1024), "api_key": lambda name, text: text.strip(),
     }
+
+    @property
+    def port_health(self) -> int:
+        return self.port_health_setting or self.port
 
     @property
     def model_spec(self) -> ModelSpec:

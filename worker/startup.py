@@ -6,7 +6,8 @@ allowed (``builder.download_weights``), loads the engine (``pipeline.Engine.load
 what its weights hold in memory per checkpoint, then compiles when asked (which warms the
 compiled sizes, and replaces the default warm-up: a warm-up at another size would compile every
 UNet once more) or warms it up, logging each phase's time. Any reason the worker cannot serve
-becomes a ``StartupError`` with a message for the operator.
+becomes a ``StartupError`` with a message for the operator. ``assemble`` adds the GPU queue
+and delivery: the ``Service`` both front doors (queue handler, HTTP) serve from.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import pipeline
 from builder import download_weights
 from worker.engine.loading import choose_device
 from worker.errors import ModelFolderError, StartupError
+from worker.gpu_queue import GpuWorker
 from worker.location import locate
+from worker.outputs import delivery, upload
+from worker.service import Service
 from worker.settings import Settings
 from worker.spec import ModelSpec
 
@@ -86,3 +90,12 @@ def start(settings: Settings) -> pipeline.Engine:
              "%.2f s", engine.device, str(engine.dtype).removeprefix("torch."), spec.describe(),
              t1 - t0, t2 - t1, t3 - t2)
     return engine
+
+
+def assemble(settings: Settings) -> Service:
+    """Everything a front door serves from: the started engine, its GPU queue, delivery."""
+    bucket = upload.bucket_from_env(settings.bucket_env)  # a bad BUCKET_* fails before the load
+    engine = start(settings)
+    gpu = GpuWorker(engine.generate, max_batch_images=settings.max_batch_images)
+    outbox = delivery.Delivery(bucket, settings.max_response_mb, settings.upload_deadline_s)
+    return Service(settings, engine, outbox, gpu)

@@ -169,6 +169,22 @@ class TestProgressAndThreads:
         assert [p["step"] for p in sent] == [1, 2, 3, 4]
         assert sent[-1] == {"step": 4, "steps": 4, "progress": 1.0}
 
+    def test_preview_adds_a_small_jpeg_of_the_estimate_to_each_update(
+            self, run: Run, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+        sent: list[dict[str, Any]] = []
+        monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "http://127.0.0.1:9/unused")
+        monkeypatch.setattr(handler.runpod.serverless, "progress_update",
+                            lambda job, progress: sent.append(progress))
+        plain = run(width=512, height=512, seed=3)
+        previewed = run(width=512, height=512, seed=3, preview=True)
+        assert [set(p) for p in sent[:4]] == [{"step", "steps", "progress"}] * 4
+        previews = [p["preview"] for p in sent[4:]]
+        assert len(previews) == 4 and all(p.startswith("data:image/jpeg;base64,") for p in previews)
+        image = Image.open(io.BytesIO(base64.b64decode(previews[-1].split(",", 1)[1])))
+        assert image.format == "JPEG" and image.size == (256, 256)
+        # Watching costs nothing in the result: the same image as without previews.
+        assert previewed["images"] == plain["images"]
+
     def test_no_progress_calls_in_local_runs(
             self, run: Run, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv("RUNPOD_WEBHOOK_POST_OUTPUT", raising=False)

@@ -92,3 +92,16 @@ class TestAgainstTheLocalServer:
         err = capsys.readouterr().err
         assert "FAILED" in err and "num_images" in err
         assert saved(tmp_path) == []
+
+
+class TestTheReadmeSnippet:
+    def test_run_then_post_status_as_the_readme_shows(self, local_server: str) -> None:
+        # README "On your machine": the SDK's local server takes POST /status, and runs the
+        # job when it is polled.
+        base = local_server
+        job = requests.post(f"{base}/run", json={"input": {
+            "prompt": "a red fox", "width": 512, "height": 512, "seed": 7}}, timeout=30).json()
+        status = requests.post(f"{base}/status/{job['id']}", timeout=300).json()
+        assert status["status"] == "COMPLETED"
+        assert status["output"]["images"][0]["seed"] == 7
+        assert requests.get(f"{base}/status/{job['id']}", timeout=30).status_code == 405

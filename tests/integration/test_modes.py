@@ -165,13 +165,13 @@ class TestCheckpoints:
 class TestProgress:
     def test_one_callback_per_denoising_step(self, model: Engine) -> None:
         seen: list[tuple[int, int]] = []
-        generate(model, txt2img(), on_step=lambda d, t: seen.append((d, t)))
+        generate(model, txt2img(), on_step=lambda d, t, preview: seen.append((d, t)))
         assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
     def test_img2img_progress_counts_the_steps_it_runs(self, model: Engine) -> None:
         seen: list[tuple[int, int]] = []
         plan = txt2img(mode="img2img", strength=0.5, init_image=gradient(512, 512))
-        generate(model, plan, on_step=lambda d, t: seen.append((d, t)))
+        generate(model, plan, on_step=lambda d, t, preview: seen.append((d, t)))
         assert seen == [(1, 2), (2, 2)]
 
 

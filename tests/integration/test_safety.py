@@ -43,7 +43,7 @@ def checked_model(tiny_model_dir: Path) -> Engine:
 def worker_with_checker(handler: ModuleType, monkeypatch: pytest.MonkeyPatch,
                         checked_model: Engine) -> Iterator[Engine]:
     monkeypatch.setattr(handler.ENGINE, "checker", checked_model.checker)
-    monkeypatch.setattr(handler, "SETTINGS",
+    monkeypatch.setattr(handler.SERVICE, "settings",
                         handler.SETTINGS.model_copy(update={"safety_mode": "on"}))
     yield checked_model
 

@@ -28,7 +28,7 @@ from tests.support import image_bombs as bombs
 from tests.support.spin_decoder import CRASH, SPIN
 from worker.errors import InputError, JobError
 from worker.inputs import pool as pool_module
-from worker.inputs.images import DEFAULT_LIMITS, InputLimits, decode_flat
+from worker.inputs.images import DEFAULT_LIMITS, InputLimits, decode_flat, load_mask
 from worker.inputs.pool import DecodePool
 from worker.inputs.prepare import prepare, prepare_async
 
@@ -93,6 +93,18 @@ def pool() -> Iterator[DecodePool]:
 def spinner() -> Iterator[DecodePool]:
     with DecodePool(60.0, command=SPINNER) as spinning:
         yield spinning
+
+
+class TestMaskAlpha:
+    def test_an_alpha_mask_crosses_the_process_boundary(self, pool: DecodePool) -> None:
+        rgba = np.zeros((6, 8, 4), np.uint8)
+        rgba[:, :3, 3] = 0
+        rgba[:, 3:, 3] = 255
+        buffer = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+        mask = load_mask(buffer.getvalue(), "mask", (8, 6), decoder=pool.job(),
+                         repaint="transparent")
+        assert [mask.getpixel((x, 2)) for x in (0, 2, 3, 7)] == [255, 255, 0, 0]
 
 
 class TestSamePixels:

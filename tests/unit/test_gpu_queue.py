@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from worker.gpu_queue import BatchResult, GpuWorker
@@ -104,14 +105,36 @@ class TestFailures:
 
         def run(plans: Sequence[Plan], on_step) -> list[list[str]]:
             for step in (1, 2, 3, 4):
-                on_step(step, 4)
+                on_step(step, 4, None)
             return [["x"] * len(p.seeds) for p in plans]
 
         worker = GpuWorker(run)
-        fa = worker.submit(plan(1), lambda d, t: seen["a"].append(d))
-        fb = worker.submit(plan(2), lambda d, t: seen["b"].append(d))
+        fa = worker.submit(plan(1), lambda d, t, preview: seen["a"].append(d))
+        fb = worker.submit(plan(2), lambda d, t, preview: seen["b"].append(d))
         fa.result(WAIT), fb.result(WAIT)
         assert seen == {"a": [1, 2, 3, 4], "b": [1, 2, 3, 4]}
+        worker.close(WAIT)
+
+    def test_each_job_previews_its_own_first_image(self) -> None:
+        gate, previews = threading.Event(), {}
+
+        def run(plans: Sequence[Plan], on_step) -> list[list[str]]:
+            gate.wait(WAIT)
+            if on_step is not None:
+                on_step(1, 1, lambda index: f"image {index} of the batch".encode())
+            return [["x"] * len(p.seeds) for p in plans]
+
+        worker = GpuWorker(run)
+        blocker = worker.submit(replace(plan(1), width=768))  # holds the GPU: the rest batch
+        jobs = {name: replace(plan(1), seeds=seeds) for name, seeds in
+                (("a", (1, 2, 3)), ("b", (7,)), ("c", (9, 10)))}
+        futures = [worker.submit(p, lambda d, t, preview, name=name: previews.update(
+            {name: preview()})) for name, p in jobs.items()]
+        gate.set()
+        blocker.result(WAIT)
+        assert all(f.result(WAIT).batch_jobs == 3 for f in futures)
+        assert previews == {"a": b"image 0 of the batch", "b": b"image 3 of the batch",
+                            "c": b"image 4 of the batch"}
         worker.close(WAIT)
 
 

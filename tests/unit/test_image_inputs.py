@@ -451,6 +451,30 @@ class TestMask:
         mask = load_mask(encode(Image.fromarray(strokes, "RGBA")), "mask", (8, 8))
         assert mask.getpixel((4, 1)) == 255 and mask.getpixel((4, 6)) == 0
 
+    def test_mask_mode_black_repaints_black(self) -> None:
+        grey = np.zeros((8, 8), np.uint8)
+        grey[:, 4:] = 255
+        mask = load_mask(encode(Image.fromarray(grey)), "mask", (8, 8), repaint="black")
+        assert mask.getpixel((1, 1)) == 255 and mask.getpixel((6, 1)) == 0
+
+    def test_mask_mode_transparent_repaints_alpha_zero_only(self) -> None:
+        # OpenAI's edits: fully transparent pixels are the area to edit, whatever their colour.
+        rgba = np.zeros((8, 8, 4), np.uint8)
+        rgba[:, :, :3] = 255
+        rgba[:, :4, 3] = 0  # left: transparent (white underneath: ignored)
+        rgba[:, 4:6, 3] = 1  # nearly transparent is not "fully": keep
+        rgba[:, 6:, 3] = 255
+        mask = load_mask(encode(Image.fromarray(rgba, "RGBA")), "mask", (8, 8),
+                         repaint="transparent")
+        assert [mask.getpixel((x, 3)) for x in (0, 3, 4, 5, 6, 7)] == [255, 255, 0, 0, 0, 0]
+
+    @pytest.mark.parametrize("image", [Image.new("RGB", (8, 8), 0),
+                                       Image.new("RGBA", (8, 8), (0, 0, 0, 255))])
+    def test_mask_mode_transparent_needs_transparent_pixels(self, image: Image.Image) -> None:
+        with pytest.raises(InputError, match=r"^mask: mask_mode transparent repaints fully "
+                                             r"transparent pixels, and this mask has none"):
+            load_mask(encode(image), "mask", (8, 8), repaint="transparent")
+
     def test_errors_name_the_mask_field(self) -> None:
         with pytest.raises(InputError, match=r"^mask: format GIF is not accepted"):
             load_mask(b64(encode(pattern(), "GIF")), "mask", (16, 12))

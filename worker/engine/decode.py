@@ -4,11 +4,12 @@ The classic fp16 SDXL failure is a VAE that overflows to NaN (or black). The fp1
 it; this module makes sure it can never reach a caller anyway: each image is decoded on its own
 (bounding a batch's decode memory), checked, decoded again in fp32 if it is broken, and refused
 with ``BadOutputError`` (a ``JobError``) if even that fails. Works with the full VAE and with
-TAESDXL.
+TAESDXL. Also the per-step previews: the current estimate as a small JPEG, by TAESDXL.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 
 import torch
@@ -67,3 +68,21 @@ def decode_latents(vae: AutoencoderKL | AutoencoderTiny,
         array = (pixels[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         images.append(Image.fromarray(array))
     return images
+
+
+# Previews are for watching an image form, not for use: a small, quickly encoded JPEG.
+PREVIEW_SIDE = 256
+PREVIEW_QUALITY = 70
+
+
+def preview_jpeg(decoder: AutoencoderTiny, latents: torch.Tensor) -> bytes:
+    """One image's latents (the current estimate) as a JPEG of at most 256 px a side, by
+    TAESDXL (a few ms on a GPU; never the full VAE, which would cost as much as the step)."""
+    with torch.inference_mode():
+        pixels = _decode(decoder, latents)
+    array = (pixels[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    image = Image.fromarray(array)
+    image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=PREVIEW_QUALITY)
+    return buffer.getvalue()

@@ -95,6 +95,12 @@ def scheduler_for(model_dir: Path, steps: int) -> EulerDiscreteScheduler:
     return EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing", **extra)
 
 
+def has_tiny_decoder(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds TAESDXL (its config and weights)."""
+    folder = model_dir / TAESD_DIR
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
 def load_tiny_decoder(model_dir: Path, device: torch.device,
                       dtype: torch.dtype) -> AutoencoderTiny:
     """TAESDXL: ~18x fewer decode FLOPs than the full VAE, softer fine detail."""

@@ -96,8 +96,12 @@ DEFAULT_LIMITS = InputLimits()
 def decode_flat(data: bytes, field: str, limits: InputLimits, mode: str,
                 background: int) -> Image.Image:
     """``data`` decoded (``decode``) and flattened to ``mode`` ("RGB" or "L") on grey
-    ``background``: the whole CPU-heavy part of loading a field, what a ``Decoder`` does."""
-    return _flatten(decode(data, field, limits), mode, background)
+    ``background``, or "LA" with its transparency kept (grey and alpha): the whole CPU-heavy
+    part of loading a field, what a ``Decoder`` does."""
+    image = decode(data, field, limits)
+    if mode == "LA":
+        return image.convert("RGBA").convert("LA")  # via RGBA: palette transparency too
+    return _flatten(image, mode, background)
 
 
 # (data, field, limits, mode, background) -> image: ``decode_flat`` here, or in another process.
@@ -117,17 +121,30 @@ def load_image(value: Any, field: str, limits: InputLimits = DEFAULT_LIMITS, *,
 def load_mask(value: Any, field: str, size: tuple[int, int],
               limits: InputLimits = DEFAULT_LIMITS, *, resolver: Resolver = system_resolver,
               opener: Opener = tcp_connect, ssl_context: ssl.SSLContext | None = None,
-              decoder: Decoder = decode_flat) -> Image.Image:
+              decoder: Decoder = decode_flat, repaint: str = "white") -> Image.Image:
     """``value`` as an "L" mask of ``size`` (width, height): white = repaint, black = keep.
 
+    ``repaint`` says which pixels of the caller's file repaint: ``white`` (ours, A1111's),
+    ``black`` (A1111's ``inpainting_mask_invert``) or ``transparent`` (alpha 0: OpenAI's edits).
     Stretched to ``size`` with bilinear resampling: no ringing, edges stay where they were; grey
     values are kept (the inpainting pipeline binarises at 50 %).
     """
     if len(size) != 2 or not all(type(side) is int and side > 0 for side in size):
         raise ValueError(f"size must be (width, height) in pixels, got {size!r}")
+    if repaint not in ("white", "black", "transparent"):
+        raise ValueError(f"repaint must be white, black or transparent, got {repaint!r}")
     data = read_bytes(value, field, limits, resolver=resolver, opener=opener,
                       ssl_context=ssl_context)
-    mask = decoder(data, field, limits, "L", 0)
+    if repaint == "transparent":
+        alpha = decoder(data, field, limits, "LA", 0).getchannel("A")
+        if alpha.getextrema()[0] > 0:
+            raise _error(field, "mask_mode transparent repaints fully transparent pixels, and "
+                                "this mask has none (no alpha channel, or none at 0)")
+        mask = alpha.point(lambda a: 255 if a == 0 else 0)
+    else:
+        mask = decoder(data, field, limits, "L", 0)
+        if repaint == "black":
+            mask = ImageOps.invert(mask)
     return mask if mask.size == tuple(size) else mask.resize(size, Image.Resampling.BILINEAR)
 
 

@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[2]  # where a child imports ``worker`` f
 _FRAME = struct.Struct(">IQ")  # header length, payload length
 _MAX_HEADER = 64 * 1024  # a header is a few hundred bytes; an error message at most ~1 KB
 _MAX_REQUEST = 1 << 31  # a child's sanity bound; the parent sends at most InputLimits.max_bytes
-_CHANNELS = {"RGB": 3, "L": 1}
+_CHANNELS = {"RGB": 3, "L": 1, "LA": 2}  # LA: a mask whose alpha marks the repaint area
 # Child threads for libraries that start them at import; a child decodes on one core.
 _CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

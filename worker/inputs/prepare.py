@@ -50,9 +50,11 @@ def prepare(request: GenerateRequest, steps: tuple[int, ...], safety_mode: str,
     if init is not None:
         size = (plan.width, plan.height)
         init = init if init.size == size else init.resize(size, Image.Resampling.LANCZOS)
-        mask = (load_mask(request.mask, "mask", size, decoder=decoder)
+        mask = (load_mask(request.mask, "mask", size, decoder=decoder, repaint=request.mask_mode)
                 if request.mask is not None else None)
         plan = plan.with_images(init, mask)
+    if request.mask is None and "mask_mode" in request.model_fields_set:
+        warnings.append("mask_mode was ignored: it applies only with a mask")
     return plan, warnings + truncation_warnings(plan, count_tokens)
 
 
