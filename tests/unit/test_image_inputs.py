@@ -356,6 +356,17 @@ class TestWorkBombs:
         assert len(bombs.jpeg_scans(data)) == scans < WORK_LIMITS.jpeg_scans
         assert load_image(data, "image").size == (64, 48)
 
+    @pytest.mark.parametrize("progressive", [False, True])
+    def test_restart_markers_are_part_of_a_scan_not_segments(self, progressive: bool) -> None:
+        # One restart marker (RST0-7) per MCU: thousands inside the coded data of each scan.
+        data = encode(pattern(1024, 512), "JPEG", restart_marker_blocks=1,
+                      progressive=progressive)
+        restarts = sum(data.count(bytes([0xFF, 0xD0 + n])) for n in range(8))
+        assert restarts > WORK_LIMITS.jpeg_segments
+        with Image.open(io.BytesIO(data)) as direct:
+            np.testing.assert_array_equal(np.asarray(load_image(data, "image")),
+                                          np.asarray(direct.convert("RGB")))
+
     def test_many_jpeg_segments(self, decoded: list[tuple[int, int]]) -> None:
         base = encode(pattern(), "JPEG", quality=95)
         np.testing.assert_array_equal(np.asarray(load_image(bombs.jpeg_segments(base, 500),
