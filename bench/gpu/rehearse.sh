@@ -6,7 +6,7 @@
 # here as it would there (an ImportError, or run.sh's "unmet" lines). Versions of the packages
 # the machine has are this venv's, not the machine's: that part only the GPU run can check.
 #
-# Usage, from the repository root where PyPI is reachable (about 2 minutes):
+# Usage, from the repository root where PyPI is reachable (about a minute):
 #   bash bench/gpu/rehearse.sh [OUT_DIR]
 # Environment: VENV (default .venv), the project's virtual environment.
 set -euo pipefail
