@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TINY_DIR ?= /tmp/sdxl-lightning-tiny
 
-.PHONY: run serve serve-http test test-fast test-unit lint clean
+.PHONY: run serve serve-http test test-fast test-unit lint clean gpu-wheels gpu-rehearse
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	python3 -m venv $(VENV)
@@ -53,6 +53,14 @@ test-unit: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+# The GPU benchmark's wheels (bench/gpu/wheels/, carried to the GPU machine; bench/RESULTS.md,
+# "GPU"), and a rehearsal of its install and run here on the CPU (needs PyPI, no GPU).
+gpu-wheels: $(VENV)/.installed
+	PYTHON=$(PY) bash bench/gpu/wheels.sh
+
+gpu-rehearse: $(VENV)/.installed
+	VENV=$(VENV) bash bench/gpu/rehearse.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

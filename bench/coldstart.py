@@ -131,11 +131,13 @@ def set_cache(files: list[Path], warm: bool) -> None:
                 os.close(fd)
 
 
-def child(code: str, *args: str) -> tuple[float, dict[str, float]]:
-    """Wall seconds of a fresh interpreter running ``code``, and the JSON it printed last."""
+def child(code: str, *args: str, timeout: float | None = None) -> tuple[float, dict[str, float]]:
+    """Wall seconds of a fresh interpreter running ``code``, and the JSON it printed last
+    (``subprocess.TimeoutExpired`` past ``timeout`` seconds: the child is killed)."""
     started, epoch = time.perf_counter(), time.time()
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+                          cwd=ROOT, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+                          timeout=timeout)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -146,17 +148,18 @@ def child(code: str, *args: str) -> tuple[float, dict[str, float]]:
 
 
 def measure(kind: str, files: list[Path], args: argparse.Namespace,
-            dtype: str = "float16") -> dict[str, float]:
+            dtype: str = "float16", timeout: float | None = None) -> dict[str, float]:
     """One fresh-process measurement: load, load+prefetch, read (python) or cat."""
     if kind in ("load", "prefetch"):
         code = LOAD_CHILD.format(device=args.device, dtype=dtype,
                                  model_dir=str(args.model_dir), warmup=args.warmup,
                                  prefetch=kind == "prefetch", files=list(map(str, files)))
-        return child(code)[1]
+        return child(code, timeout=timeout)[1]
     if kind == "read":
-        return child(READ_CHILD.format(chunk=CHUNK), *map(str, files))[1]
+        return child(READ_CHILD.format(chunk=CHUNK), *map(str, files), timeout=timeout)[1]
     started = time.perf_counter()
-    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True,
+                   timeout=timeout)
     return {"cat_s": time.perf_counter() - started}
 
 

@@ -19,20 +19,23 @@ Part 2, recipes (batch 1 and 4, interleaved, ``torch.cuda.synchronize`` around e
 - ours: ``handler.ENGINE.run_batch(...)``, the worker's generation as configured
   (on CUDA: channels_last and fused QKV; ``--compile``: torch.compile of the UNet);
 - ours + TAESDXL: the same with the tiny decoder swapped in (what ``VAE_DECODER=tiny`` runs);
-- plain: the model card's recipe, a stock ``StableDiffusionXLPipeline`` in fp16 with the stock
-  VAE config (``force_upcast=True``: the VAE decodes in fp32), Euler trailing, guidance 0,
-  PIL output, with its own UNet and VAE loaded without the worker's optimisations; it shares
-  only the (untouched) text encoders.
-Reports images/s, ms per image, and the fraction of the FLOP floor (37.6 TFLOP per 1024² 4-step
-image at 800 TFLOP/s: 47 ms; sdxl-architecture.md), with the goals: >= 2x the plain recipe's
-images/s, single image <= 200 ms, >= 6 images/s at full load. The goals and the floor apply to
-the full-size model on a GPU only; with the tiny model the script just exercises the code.
+- plain: the model card's recipe as the card writes it (``plain_recipe``): its own UNet from
+  the config filled with ``load_state_dict``, ``StableDiffusionXLPipeline.from_pretrained`` of
+  SDXL base in fp16 (``variant="fp16"``; base's stock VAE config, ``force_upcast=True``: the VAE
+  decodes in fp32), Euler trailing, guidance 0, PIL output; nothing of the worker's.
+Reports images/s, ms per image, and the fraction of the FLOP floor (``floor_seconds``: 4 UNet
+steps plus the decoder the row uses; 37.6 TFLOP per 1024² image with the full VAE at 800 TFLOP/s
+is 47 ms, with TAESDXL 27.6 TFLOP, 35 ms; sdxl-architecture.md), with the goals: >= 2x the plain
+recipe's images/s, single image <= 200 ms, >= 6 images/s at full load. The goals and the floor
+apply to the full-size model on a GPU only; with the tiny model the script just exercises the
+code. ``bench/gpu_run.py`` runs these parts, and more, as one command within a time limit.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import random
@@ -40,14 +43,41 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# TFLOP per image (4 UNet steps at batch 1 + one full VAE decode), from sdxl-architecture.md.
-TFLOP_PER_IMAGE = {512: 4 * 1.59 + 2.51, 768: 4 * 3.64 + 5.75, 1024: 4 * 6.76 + 10.47,
-                   1280: 4 * 11.20 + 16.84}
+# TFLOP of one UNet step at batch 1 (no CFG) and of one decode, by square side, counted with
+# torch's FlopCounterMode (sdxl-architecture.md; tests/e2e/test_gpu_bench_cpu.py recounts the
+# decoders). A TAESDXL row's floor uses TAESDXL's own decode, not the full VAE's.
+UNET_STEP_TFLOP = {512: 1.59, 768: 3.64, 1024: 6.76, 1280: 11.20}
+DECODE_TFLOP = {"vae": {512: 2.51, 768: 5.75, 1024: 10.47, 1280: 16.84},
+                "taesdxl": {512: 0.14, 768: 0.32, 1024: 0.57, 1280: 0.88}}
 PRACTICAL_TFLOPS = 800.0  # an H100's practical dense fp16 rate
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+RECIPES = ("ours", "ours + TAESDXL", "plain")
+# SDXL base's model_index.json: what the card's StableDiffusionXLPipeline.from_pretrained reads.
+BASE_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
+    "force_zeros_for_empty_prompt": True, "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def decoder_of(recipe: str) -> str:
+    return "taesdxl" if "TAESDXL" in recipe else "vae"
+
+
+def floor_seconds(size: int, decoder: str = "vae", steps: int = 4) -> float | None:
+    """The FLOP floor of one ``size``² image (``steps`` UNet steps + one decode with
+    ``decoder``) at ``PRACTICAL_TFLOPS``; None for a size not counted."""
+    if size not in UNET_STEP_TFLOP:
+        return None
+    return (steps * UNET_STEP_TFLOP[size] + DECODE_TFLOP[decoder][size]) / PRACTICAL_TFLOPS
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,34 +105,45 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def import_handler(args: argparse.Namespace) -> Any:
-    """Build the model folder, point MODEL_DIR at it and import the worker (load + warm-up)."""
-    if args.device == "cpu":
+def build_model(device: str, model: str, model_dir: Path) -> Path:
+    """The model folder to benchmark: the tiny one in a fresh temporary folder, or the
+    full-size one at ``model_dir`` (built if incomplete)."""
+    if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the worker picks CUDA whenever it sees one
-    if args.model == "tiny":
+    if model == "tiny":
         from builder import make_tiny_model
         from worker.spec import ModelSpec
         # TAESDXL too: the recipe table swaps it in (load_taesd below).
-        model_dir = make_tiny_model.build(Path(tempfile.mkdtemp(prefix="sdxl-tiny-")) / "m",
-                                          ModelSpec(steps=(4,), tiny_decoder=True))
-    else:
-        from bench import full_model
-        model_dir = full_model.build(args.model_dir)
+        return make_tiny_model.build(Path(tempfile.mkdtemp(prefix="sdxl-tiny-")) / "m",
+                                     ModelSpec(steps=(4,), tiny_decoder=True))
+    from bench import full_model
+    return full_model.build(model_dir)
+
+
+def start_handler(device: str, model_dir: Path, compile: bool = False,
+                  log_path: Path | None = None) -> Any:
+    """Point MODEL_DIR at ``model_dir`` and import the worker (its own start: load + warm-up);
+    the worker's log lines go to ``log_path`` (default: a temporary file), not the tables."""
     # DEVICE=cuda: a worker whose GPU does not work stops at start instead of running on the CPU.
-    os.environ.update(MODEL_DIR=str(model_dir), DOWNLOAD_MISSING_WEIGHTS="false",
-                      DEVICE=args.device)
-    if args.compile:
+    os.environ.update(MODEL_DIR=str(model_dir), DOWNLOAD_MISSING_WEIGHTS="false", DEVICE=device)
+    if compile:
         os.environ["COMPILE"] = "true"
     started = time.perf_counter()
     import handler
     print(f"import handler (load + warm-up): {time.perf_counter() - started:.1f} s; model on "
           f"{handler.ENGINE.device}/{handler.ENGINE.dtype}", flush=True)
-    log_path = Path(tempfile.mkdtemp(prefix="sdxl-bench-")) / "worker.log"
-    for h in logging.getLogger().handlers:  # the worker's log lines go to a file, not the table
+    log_path = log_path or Path(tempfile.mkdtemp(prefix="sdxl-bench-")) / "worker.log"
+    for h in logging.getLogger().handlers:
         if isinstance(h, logging.StreamHandler):
-            h.setStream(open(log_path, "w"))  # noqa: SIM115 - lives as long as the process
+            h.setStream(open(log_path, "a"))  # noqa: SIM115 - lives as long as the process
     print(f"worker log: {log_path}")
     return handler
+
+
+def import_handler(args: argparse.Namespace) -> Any:
+    """Build the model folder, point MODEL_DIR at it and import the worker (load + warm-up)."""
+    return start_handler(args.device, build_model(args.device, args.model, args.model_dir),
+                         args.compile)
 
 
 def job(i: int, size: int) -> dict[str, Any]:
@@ -137,66 +178,108 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def handler_sweep(handler: Any, args: argparse.Namespace) -> float:
-    """Part 1; returns the best images/s."""
-    levels = list(args.concurrency)
-    rate: dict[int, list[float]] = {c: [] for c in levels}
-    lat: dict[int, list[float]] = {c: [] for c in levels}
-    batches: dict[int, int] = {c: 0 for c in levels}
-    errors: dict[int, list[str]] = {c: [] for c in levels}
+def sweep(handler: Any, levels: list[int], jobs: int, rounds: int, size: int,
+          more: Callable[[], bool] = lambda: True) -> dict[int, dict[str, Any]]:
+    """Part 1's measurements: per concurrency level, the images/s of each round, every
+    successful job's latency, the GPU batches run and the errors. Levels are shuffled within
+    each round; a new round starts only while ``more()`` (a time budget) says so."""
+    levels = list(levels)
+    data: dict[int, dict[str, Any]] = {c: {"rates": [], "latencies": [], "batches": 0,
+                                           "jobs": 0, "errors": []} for c in levels}
     shuffle = random.Random(0).shuffle
-    for r in range(args.rounds):
+    for r in range(rounds):
+        if r and not more():
+            break
         shuffle(levels)
         for c in levels:
             before = handler.GPU.batches_run
-            wall, latencies, failed = asyncio.run(run_level(handler, c, args.jobs, args.size))
-            batches[c] += handler.GPU.batches_run - before
-            rate[c].append(len(latencies) / wall)
-            lat[c] += latencies
-            errors[c] += failed
+            wall, latencies, failed = asyncio.run(run_level(handler, c, jobs, size))
+            cell = data[c]
+            cell["batches"] += handler.GPU.batches_run - before
+            cell["jobs"] += jobs
+            cell["rates"].append(len(latencies) / wall)
+            cell["latencies"] += latencies
+            cell["errors"] += failed
             print(f"round {r + 1} concurrency {c}: {len(latencies) / wall:.2f} images/s"
                   + (f", {len(failed)} job(s) FAILED" if failed else ""), flush=True)
-    base = statistics.median(rate[1]) if 1 in rate else None
+    return data
+
+
+def handler_sweep(handler: Any, args: argparse.Namespace) -> float:
+    """Part 1; returns the best images/s."""
+    data = sweep(handler, list(args.concurrency), args.jobs, args.rounds, args.size)
+    base = statistics.median(data[1]["rates"]) if 1 in data else None
     print(f"\nhandler, {args.model} model, {args.size}x{args.size}, 4 steps, png, {args.jobs} jobs "
           f"per level, median of {args.rounds} rounds (latency: all rounds pooled)")
     print("| concurrency | images/s | vs concurrency 1 | p50 latency s | p95 latency s | "
           "jobs per GPU batch | failed jobs |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for c in sorted(rate):
-        med = statistics.median(rate[c])
+    for c in sorted(data):
+        cell = data[c]
+        med = statistics.median(cell["rates"])
         print(f"| {c} | {med:.2f} | {f'{med / base:.2f}x' if base else '-'} | "
-              f"{percentile(lat[c], 0.5):.3f} | {percentile(lat[c], 0.95):.3f} | "
-              f"{args.jobs * args.rounds / batches[c]:.2f} | {len(errors[c])} |")
-    if any(errors.values()):
-        first = next(e for e in errors.values() if e)[0]
-        print(f"WARNING: {sum(map(len, errors.values()))} job(s) failed (first: {first}); "
+              f"{percentile(cell['latencies'], 0.5):.3f} | "
+              f"{percentile(cell['latencies'], 0.95):.3f} | "
+              f"{cell['jobs'] / cell['batches']:.2f} | {len(cell['errors'])} |")
+    errors = [e for cell in data.values() for e in cell["errors"]]
+    if errors:
+        print(f"WARNING: {len(errors)} job(s) failed (first: {errors[0]}); "
               f"the tracebacks are in the worker log")
-    return max(statistics.median(v) for v in rate.values())
+    return max(statistics.median(cell["rates"]) for cell in data.values())
 
 
-def plain_recipe(handler: Any) -> Any:
-    """The model card's pipeline: stock VAE config (fp32 upcast), Euler trailing, guidance 0.
+def base_folder(model_dir: Path) -> Path:
+    """SDXL base as the card's ``from_pretrained`` reads it, made of ``model_dir``'s files.
 
-    Its own UNet (same file, loaded without the worker's channels_last and fused QKV, which
-    change the module in place) and its own VAE; the text encoders are shared (untouched).
+    A temporary folder of links, with base's ``model_index.json`` and base's own VAE config:
+    the same VAE architecture as the worker's fp16-fix one but ``force_upcast: true``, so the
+    stock pipeline decodes in fp32, as it does with SDXL base's VAE. The VAE weights are linked
+    under the fp16 variant name that ``variant="fp16"`` looks for.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from worker.spec import VAE_WEIGHTS
 
-    from worker.engine.loading import load_unet
+    base = Path(tempfile.mkdtemp(prefix="sdxl-base-"))
+    for sub in ("scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet"):
+        (base / sub).symlink_to(model_dir / sub, target_is_directory=True)
+    (base / "vae").mkdir()
+    config = json.loads((model_dir / "vae" / "config.json").read_text())
+    (base / "vae" / "config.json").write_text(json.dumps({**config, "force_upcast": True}))
+    (base / "vae" / VAE_WEIGHTS.replace(".safetensors", ".fp16.safetensors")).symlink_to(
+        model_dir / "vae" / VAE_WEIGHTS)
+    (base / "model_index.json").write_text(json.dumps(BASE_MODEL_INDEX))
+    return base
 
-    model, ours = handler.ENGINE, handler.ENGINE.pipes[4]
-    model_dir = Path(os.environ["MODEL_DIR"])
-    vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=model.dtype, force_upcast=True)
-    if not vae.config.force_upcast:
+
+def plain_recipe(model_dir: Path, device: Any, dtype: Any) -> Any:
+    """The model card's pipeline, as the card writes it, from ``model_dir``'s files.
+
+    UNet from its config, ``.to(device, fp16)``, then ``load_state_dict(load_file(ckpt))``;
+    ``StableDiffusionXLPipeline.from_pretrained(base, unet=unet, torch_dtype=fp16,
+    variant="fp16")`` (its own text encoders and base's stock VAE, ``base_folder``); the
+    scheduler swapped for Euler trailing. One change that cannot change its speed: the UNet's
+    random initialisation runs on ``device``, not the CPU (the card's ``from_config`` would
+    spend ~10 s of CPU initialising 2.6 B parameters that the checkpoint then overwrites). The
+    progress bar is off, as in the worker. ``dtype`` is fp16 on CUDA, as on the card.
+    """
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from worker.spec import CHECKPOINTS
+
+    base = base_folder(model_dir)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(base / "unet")).to(device, dtype)
+    unet.load_state_dict(load_file(model_dir / CHECKPOINTS[4], device=str(device)))
+    with warnings.catch_warnings():  # the card's torch_dtype= is deprecated for dtype=
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=unet, torch_dtype=dtype,
+                                                         variant="fp16").to(device)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                        timestep_spacing="trailing")
+    if not pipe.vae.config.force_upcast:
         raise RuntimeError("the plain recipe's VAE must have force_upcast=True")
-    scheduler = EulerDiscreteScheduler.from_pretrained(model_dir / "scheduler")
-    pipe = StableDiffusionXLPipeline(
-        vae=vae.to(model.device), text_encoder=ours.text_encoder,
-        text_encoder_2=ours.text_encoder_2, tokenizer=ours.tokenizer,
-        tokenizer_2=ours.tokenizer_2,
-        unet=load_unet(model_dir, 4, model.device, model.dtype),
-        scheduler=EulerDiscreteScheduler.from_config(scheduler.config,
-                                                     timestep_spacing="trailing"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -216,36 +299,42 @@ def load_taesd(handler: Any) -> Any:
     return taesd
 
 
-def recipes(handler: Any, args: argparse.Namespace) -> dict[tuple[str, int], float]:
-    """Part 2; returns median seconds per (recipe, batch)."""
+def recipes(handler: Any, size: int, batches: list[int], rounds: int,
+            more: Callable[[], bool] = lambda: True) -> dict[tuple[str, int], list[float]]:
+    """Part 2's measurements: seconds of every timed call per (recipe, batch). One untimed call
+    of each first; then rounds of every cell in shuffled order, a new round only while
+    ``more()`` (a time budget) says so."""
     import torch
 
     from worker.plan import Plan
 
-    model, plain, taesd = handler.ENGINE, plain_recipe(handler), load_taesd(handler)
+    model = handler.ENGINE
+    plain = plain_recipe(Path(os.environ["MODEL_DIR"]), model.device, model.dtype)
+    taesd = load_taesd(handler)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     own_decoder = model.taesd
 
     def run(recipe: str, batch: int) -> None:
-        if recipe == "plain":
-            plain(prompt=[PROMPT] * batch, num_inference_steps=4, guidance_scale=0.0,
-                  width=args.size, height=args.size,
-                  generator=[torch.Generator(model.device).manual_seed(i) for i in range(batch)])
+        if recipe == "plain":  # the card's call; width/height = its default (1024) on SDXL
+            plain([PROMPT] * batch, num_inference_steps=4, guidance_scale=0, width=size,
+                  height=size)
             return
         model.taesd = taesd if recipe == "ours + TAESDXL" else None
         try:
             model.run_batch([Plan(
-                prompt=PROMPT, negative_prompt=None, width=args.size, height=args.size, steps=4,
+                prompt=PROMPT, negative_prompt=None, width=size, height=size, steps=4,
                 guidance_scale=0.0, seeds=tuple(range(batch)))])
         finally:
             model.taesd = own_decoder
 
-    cells = [(r, b) for r in ("ours", "ours + TAESDXL", "plain") for b in args.batches]
+    cells = [(r, b) for r in RECIPES for b in batches]
     times: dict[tuple[str, int], list[float]] = {cell: [] for cell in cells}
     for cell in cells:  # warm-up: kernels, allocator, cuDNN choices (and compiles, if on)
         run(*cell)
     shuffle = random.Random(1).shuffle
-    for _ in range(args.recipe_rounds):
+    for r in range(rounds):
+        if r and not more():
+            break
         shuffle(cells)
         for cell in cells:
             sync()
@@ -253,25 +342,26 @@ def recipes(handler: Any, args: argparse.Namespace) -> dict[tuple[str, int], flo
             run(*cell)
             sync()
             times[cell].append(time.perf_counter() - started)
-    return {cell: statistics.median(t) for cell, t in times.items()}
+    return times  # the plain pipeline goes with this frame: its memory is free to reclaim
 
 
 def print_recipes(med: dict[tuple[str, int], float], args: argparse.Namespace) -> None:
-    full = args.model == "full" and args.size in TFLOP_PER_IMAGE
-    floor = TFLOP_PER_IMAGE.get(args.size, 0.0) / PRACTICAL_TFLOPS
+    full = args.model == "full" and args.size in UNET_STEP_TFLOP
     print(f"\nrecipes, {args.model} model, {args.size}x{args.size}, 4 steps, median of "
           f"{args.recipe_rounds} interleaved rounds"
-          + (f"; FLOP floor {floor * 1e3:.0f} ms per image (full VAE) at "
-             f"{PRACTICAL_TFLOPS:.0f} TFLOP/s" if full
+          + (f"; FLOP floor per image at {PRACTICAL_TFLOPS:.0f} TFLOP/s: "
+             f"{floor_seconds(args.size, 'vae') * 1e3:.0f} ms (full VAE), "
+             f"{floor_seconds(args.size, 'taesdxl') * 1e3:.0f} ms (TAESDXL)" if full
              else "; FLOP floor: n/a (not the SDXL architecture)"))
     print("| recipe | batch | s per batch | images/s | ms per image | ours vs plain | "
           "fraction of FLOP floor |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for (recipe, batch), seconds in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         speedup = med[("plain", batch)] / seconds
+        floor = floor_seconds(args.size, decoder_of(recipe)) if full else None
         print(f"| {recipe} | {batch} | {seconds:.3f} | {batch / seconds:.2f} | "
               f"{seconds / batch * 1e3:.1f} | {f'{speedup:.2f}x' if recipe != 'plain' else '-'} | "
-              f"{f'{floor / (seconds / batch):.0%}' if full else 'n/a'} |")
+              f"{f'{floor / (seconds / batch):.0%}' if floor else 'n/a'} |")
 
 
 def print_goals(med: dict[tuple[str, int], float], best_rate: float,
@@ -294,7 +384,8 @@ def main() -> int:
     args = parse_args()
     handler = import_handler(args)
     best = handler_sweep(handler, args)
-    med = recipes(handler, args)
+    times = recipes(handler, args.size, args.batches, args.recipe_rounds)
+    med = {cell: statistics.median(t) for cell, t in times.items()}
     print_recipes(med, args)
     print_goals(med, best, args)
     return 0
