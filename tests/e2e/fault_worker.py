@@ -42,10 +42,10 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120.0) -
         time.sleep(0.05)
 
 
-def oom_at_step_2(on_step: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
-    def step(done: int, total: int) -> None:
+def oom_at_step_2(on_step: Callable[..., None] | None) -> Callable[..., None]:
+    def step(done: int, total: int, preview: Any = None) -> None:
         if on_step is not None:
-            on_step(done, total)
+            on_step(done, total, preview)
         if done == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected at step 2)")
 
