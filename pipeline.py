@@ -341,10 +341,27 @@ class Engine:
         return out
 
     def warm_up(self, sizes: Sequence[tuple[int, int]] = WARMUP_SIZES) -> None:
-        """One image of each size with each checkpoint, before any job arrives."""
+        """One image of each size with each checkpoint, before any job arrives. Out of memory
+        here is a ``ModelMemoryError``: the weights fit, one image at that size does not."""
+        failed: tuple[int, int, int] | None = None
         for steps in self.steps:
             for width, height in sizes:
-                self.run_batch([warmup_plan(steps, width, height)])
+                try:
+                    self.run_batch([warmup_plan(steps, width, height)])
+                except torch.OutOfMemoryError:
+                    failed = (steps, width, height)
+                    break
+            if failed:
+                break
+        if failed is None:
+            return
+        free_gpu_cache()  # outside the except block: the failed attempt's tensors are gone
+        steps, width, height = failed
+        raise ModelMemoryError(
+            f"out of GPU memory warming up one {width}x{height} image with the {steps}-step "
+            f"checkpoint on {self.device}: the weights loaded, a generation does not fit. Load "
+            f"fewer checkpoints (LIGHTNING_STEPS), compile smaller sizes (COMPILE_SIZES), or use "
+            f"a GPU with more memory")
 
     def compile(self, sizes: Sequence[tuple[int, int]], cache_dir: Path | None,
                 backend: compiler.Backend = "inductor") -> float:
@@ -357,7 +374,7 @@ class Engine:
             compiler.compile_in_place([pipe.unet for pipe in self.pipes.values()], cache_dir,
                                       backend)
             self.warm_up(sizes)  # dynamo compiles lazily: the first call at each size
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, ModelMemoryError):
             raise  # memory, not the compiler
         except Exception as exc:  # noqa: BLE001 - any failure here stops the start: say why
             log.debug("torch.compile failed", exc_info=exc)  # the full story, at DEBUG only

@@ -112,6 +112,28 @@ class TestStartFailures:
         assert str(info.value).startswith("out of GPU memory loading checkpoints [4] on cpu: ")
         assert "cannot load the model folder" not in str(info.value)
 
+    @pytest.mark.parametrize("compile_", [False, True])
+    def test_out_of_memory_while_warming_up_is_said_to_be_memory(
+            self, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, compile_: bool) -> None:
+        import pipeline
+
+        def oom(self: object, plans: object, on_step: object = None) -> None:
+            import torch
+
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        monkeypatch.setattr(pipeline.Engine, "run_batch", oom)
+        monkeypatch.setattr(pipeline.compiler, "compile_in_place", lambda *args: None)
+        settings = Settings.from_env({"MODEL_DIR": str(tiny_model_dir), "DEVICE": "cpu",
+                                      "COMPILE": str(compile_).lower(),
+                                      "COMPILE_SIZES": "768x768"})
+        with pytest.raises(StartupError) as info:
+            startup.start(settings)
+        size = "768x768" if compile_ else "512x512"
+        assert str(info.value).startswith(f"out of GPU memory warming up one {size} image with "
+                                          f"the 4-step checkpoint on cpu: the weights loaded")
+        assert "compile" not in type(info.value).__name__.lower()
+
     def test_bad_setting_is_named(self) -> None:
         result = worker("--test_input", job(), LIGHTNING_STEPS="3")
         assert result.returncode == 1
