@@ -12,6 +12,7 @@ import io
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from types import ModuleType
@@ -25,7 +26,9 @@ import webuiapi
 from PIL import Image
 
 from tests.support.loopback import serving_asgi
+from tests.support.s3_server import ALLOW, MotoS3
 from worker.frontdoor.app import Backend, create_app
+from worker.outputs import upload
 
 Serve = Callable[..., AbstractContextManager[str]]
 JOB = {"prompt": "a lighthouse on a cliff", "width": 512, "height": 512, "seed": 7}
@@ -201,6 +204,28 @@ class TestOpenAI:
                             image=base64.b64encode(png(image)).decode(),
                             mask=base64.b64encode(png(white_left)).decode())[0]
         np.testing.assert_array_equal(got, want)
+
+    def test_response_format_url_with_the_workers_bucket(
+            self, serve: Serve, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+        server = MotoS3()
+        try:
+            server.client("s3").create_bucket(Bucket="images")
+            key_id, secret = server.create_user("worker", ALLOW)
+            server.enforce_auth()
+            bucket = upload.bucket_from_env({
+                "BUCKET_ENDPOINT_URL": f"{server.endpoint}/images",
+                "BUCKET_ACCESS_KEY_ID": key_id, "BUCKET_SECRET_ACCESS_KEY": secret})
+            monkeypatch.setattr(handler.DELIVERY, "bucket", bucket)
+            with serve() as base:
+                client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+                result = client.images.generate(prompt="a fox", size="512x512",
+                                                response_format="url", extra_body={"seed": 2})
+            url = result.data[0].url
+            assert url.startswith(f"{server.endpoint}/images/") and result.data[0].b64_json is None
+            with server.auth_off(), urllib.request.urlopen(url, timeout=10) as reply:
+                assert Image.open(io.BytesIO(reply.read())).size == (512, 512)
+        finally:
+            server.close()
 
     def test_models_lists_the_model(self, client: openai.OpenAI) -> None:
         assert [m.id for m in client.models.list()] == ["ByteDance/SDXL-Lightning"]
