@@ -19,6 +19,7 @@ import requests
 
 from tests.support.example_client import ROOT
 from tests.support.loopback import free_port
+from tests.support.processes import stop
 
 START_TIMEOUT_S = 240  # torch import and the tiny model's load: ~10-20 s, slower when busy
 
@@ -35,12 +36,7 @@ def http_worker(tmp_path: Path, **env: str) -> Iterator[tuple[str, subprocess.Po
     try:
         yield f"http://127.0.0.1:{port}", proc, log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
+        stop(proc)
 
 
 def statuses_until(url: str, proc: subprocess.Popen, log_path: Path, final: set[int]) -> list:

@@ -159,22 +159,23 @@ class TestAliases:
 
 
 class TestProgressAndThreads:
-    def test_progress_update_once_per_step_on_the_platform(
-            self, run: Run, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-        sent: list[dict[str, Any]] = []
+    @pytest.fixture
+    def sent(self, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+        """The progress updates RunPod's SDK would post, as on the platform."""
+        updates: list[dict[str, Any]] = []
         monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "http://127.0.0.1:9/unused")
         monkeypatch.setattr(handler.runpod.serverless, "progress_update",
-                            lambda job, progress: sent.append(progress))
+                            lambda job, progress: updates.append(progress))
+        return updates
+
+    def test_progress_update_once_per_step_on_the_platform(
+            self, run: Run, sent: list[dict[str, Any]]) -> None:
         run(width=512, height=512)
         assert [p["step"] for p in sent] == [1, 2, 3, 4]
         assert sent[-1] == {"step": 4, "steps": 4, "progress": 1.0}
 
     def test_preview_adds_a_small_jpeg_of_the_estimate_to_each_update(
-            self, run: Run, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-        sent: list[dict[str, Any]] = []
-        monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "http://127.0.0.1:9/unused")
-        monkeypatch.setattr(handler.runpod.serverless, "progress_update",
-                            lambda job, progress: sent.append(progress))
+            self, run: Run, sent: list[dict[str, Any]]) -> None:
         plain = run(width=512, height=512, seed=3)
         previewed = run(width=512, height=512, seed=3, preview=True)
         assert [set(p) for p in sent[:4]] == [{"step", "steps", "progress"}] * 4

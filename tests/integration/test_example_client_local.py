@@ -17,6 +17,7 @@ from PIL import Image
 
 from tests.support.example_client import ROOT, client, saved
 from tests.support.loopback import free_port
+from tests.support.processes import stop
 
 SERVER_START_TIMEOUT_S = 240  # imports torch and loads the tiny model: ~10-20 s, slower if busy
 
@@ -50,12 +51,7 @@ def local_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
+        stop(proc)
 
 
 class TestAgainstTheLocalServer:
