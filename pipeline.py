@@ -121,7 +121,9 @@ class _Estimate:
 
         def caught(*args: Any, **kwargs: Any) -> Any:
             out = step(*args, **kwargs)
-            x0 = getattr(out, "pred_original_sample", None)
+            # The SDXL pipelines ask for return_dict=False: (prev_sample, pred_original_sample).
+            x0 = (out[1] if isinstance(out, tuple) and len(out) > 1
+                  else getattr(out, "pred_original_sample", None))
             outputs = getattr(scheduler, "model_outputs", None)
             if x0 is None and outputs and "++" in str(getattr(scheduler.config,
                                                               "algorithm_type", "")):
@@ -374,10 +376,15 @@ class Engine:
             compiler.compile_in_place([pipe.unet for pipe in self.pipes.values()], cache_dir,
                                       backend)
             self.warm_up(sizes)  # dynamo compiles lazily: the first call at each size
-        except (torch.OutOfMemoryError, ModelMemoryError):
-            raise  # memory, not the compiler
+        except ModelMemoryError:
+            raise  # the warm-up's own: memory, not the compiler
         except Exception as exc:  # noqa: BLE001 - any failure here stops the start: say why
             log.debug("torch.compile failed", exc_info=exc)  # the full story, at DEBUG only
+            if isinstance(compiler.innermost(exc), torch.OutOfMemoryError):
+                raise ModelMemoryError(
+                    f"out of GPU memory compiling the UNet for {shown}: the weights loaded, "
+                    f"compiling does not fit. Compile fewer or smaller sizes (COMPILE_SIZES), "
+                    f"set COMPILE=false, or use a GPU with more memory") from None
             raise compiler.CompileError(exc, shown) from None
         compiler.save_cache(cache_dir)
         seconds = time.perf_counter() - started

@@ -60,12 +60,16 @@ class Service:
     gpu: GpuWorker
 
     async def run(self, job_input: Any, s3_config: Any, job_id: str,
-                  on_step: Callable[[Plan], StepCallback | None] | None = None) -> Outcome:
-        """Serve one job; never raises. ``on_step(plan)`` may give a per-step callback."""
+                  on_step: Callable[[Plan], StepCallback | None] | None = None, *,
+                  inline: bool = False) -> Outcome:
+        """Serve one job; never raises. ``on_step(plan)`` may give a per-step callback;
+        ``inline``: the images come back as data URIs even where a bucket is configured (the
+        wire formats that carry base64 only)."""
         received = time.perf_counter()
         try:
             request = parse_request(job_input)
-            bucket = await asyncio.to_thread(self.delivery.bucket_for, s3_config)
+            bucket = None if inline else await asyncio.to_thread(self.delivery.bucket_for,
+                                                                  s3_config)
             plan, warnings = await prepare_async(  # decodes in the pool, cancellable
                 request, self.engine.steps, self.settings.safety_mode, self.engine.count_tokens)
             self.delivery.check_estimate(plan, bucket)
@@ -76,6 +80,12 @@ class Service:
         queued = time.perf_counter()
         try:
             callback = on_step(plan) if on_step else None
+        except Exception as exc:  # noqa: BLE001 - a front door's bug must not crash the job
+            return internal(job_id, exc, "reporting progress", on_gpu=False)
+        if plan.preview and (callback is None or getattr(self.engine, "previewer", 0) is None):
+            warnings.append("preview was ignored: previews go to the progress updates on RunPod "
+                            "and to streamed HTTP requests, and need TAESDXL on the worker")
+        try:
             result = await asyncio.wrap_future(self.gpu.submit(plan, callback))
         except JobError as exc:
             return failed(job_id, exc)

@@ -220,6 +220,14 @@ class TestOpenAI:
                 client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
                 result = client.images.generate(prompt="a fox", size="512x512",
                                                 response_format="url", extra_body={"seed": 2})
+                # b64_json (the default) stays base64 with a bucket configured: no upload.
+                inline = client.images.generate(prompt="a fox", size="512x512",
+                                                extra_body={"seed": 2})
+                assert pixels(inline.data[0].b64_json).shape == (512, 512, 3)
+                a1111_image = webuiapi.WebUIApi(baseurl=f"{base}/sdapi/v1").txt2img(
+                    prompt="a fox", seed=2, width=512, height=512, steps=4, cfg_scale=0,
+                    sampler_name="Euler").image
+                assert a1111_image.size == (512, 512)
             url = result.data[0].url
             assert url.startswith(f"{server.endpoint}/images/") and result.data[0].b64_json is None
             with server.auth_off(), urllib.request.urlopen(url, timeout=10) as reply:
@@ -359,6 +367,26 @@ class TestAdmission:
             holder.join(60)
             time.sleep(0.5)
         assert reached == [1], "the abandoned job reached the GPU"
+
+
+    def test_a_stream_closed_before_the_gpu_cancels_its_job_and_frees_its_place(
+            self, handler: ModuleType, held_gpu: tuple[threading.Event, list[int]]) -> None:
+        release, reached = held_gpu
+        backend = Backend(service=handler.SERVICE, max_running=4, max_waiting=0)
+        with serving_asgi(create_app(backend)) as base:
+            holder = threading.Thread(target=lambda: httpx.post(
+                f"{base}/v1/generate", json=JOB, timeout=60))
+            holder.start()
+            wait_for(lambda: reached == [1])
+            with httpx.stream("POST", f"{base}/v1/generate",
+                              json={**JOB, "width": 640, "stream": True}, timeout=60) as stream:
+                assert stream.status_code == 200
+                wait_for(lambda: backend.held == 2)
+            wait_for(lambda: backend.held == 1)  # the closed stream's place is free again
+            release.set()
+            holder.join(60)
+            wait_for(lambda: backend.held == 0)
+        assert reached == [1], "the closed stream's job reached the GPU"
 
 
 class TestApiKey:

@@ -230,3 +230,21 @@ class TestEverySchedulerWithEveryCheckpoint:
         with pytest.raises(InputError, match=f"cannot run the {steps}-step checkpoint"):
             resolve(parse_request({"prompt": "p", "num_inference_steps": steps,
                                    "scheduler": name}), (1, 2, 4, 8))
+
+
+class TestPreviewEstimate:
+    @pytest.mark.parametrize("name", ["K_EULER", "DDIM", "DPMSolverMultistep", "HeunDiscrete"])
+    def test_the_x0_estimate_is_caught_as_the_pipelines_call_step(self, model: Engine,
+                                                                  name: str) -> None:
+        scheduler = model.view(4, "txt2img", name).scheduler
+        scheduler.set_timesteps(4)
+        estimate = pipeline._Estimate(scheduler)
+        sample = torch.randn(1, 4, 8, 8)
+        try:
+            scheduler.step(torch.randn(1, 4, 8, 8), scheduler.timesteps[0], sample,
+                           return_dict=False)  # as diffusers' SDXL pipelines call it
+            assert estimate.x0 is not None and estimate.x0.shape == sample.shape
+            assert not torch.equal(estimate.x0, sample)
+        finally:
+            estimate.release()
+        assert "step" not in vars(scheduler)  # the class's own method again

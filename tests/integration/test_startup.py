@@ -134,6 +134,26 @@ class TestStartFailures:
                                           f"the 4-step checkpoint on cpu: the weights loaded")
         assert "compile" not in type(info.value).__name__.lower()
 
+    def test_out_of_memory_inside_the_compiler_is_memory_not_a_missing_compiler(
+            self, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        import pipeline
+
+        def wrapped_oom(*args: object) -> None:
+            import torch
+
+            try:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            except torch.cuda.OutOfMemoryError as exc:  # as Dynamo wraps a backend's failure
+                raise RuntimeError("BackendCompilerFailed: backend='inductor' raised") from exc
+
+        monkeypatch.setattr(pipeline.compiler, "compile_in_place", wrapped_oom)
+        settings = Settings.from_env({"MODEL_DIR": str(tiny_model_dir), "DEVICE": "cpu",
+                                      "COMPILE": "true"})
+        with pytest.raises(StartupError) as info:
+            startup.start(settings)
+        assert str(info.value).startswith("out of GPU memory compiling the UNet for 1024x1024")
+        assert "C compiler" not in str(info.value)
+
     def test_bad_setting_is_named(self) -> None:
         result = worker("--test_input", job(), LIGHTNING_STEPS="3")
         assert result.returncode == 1

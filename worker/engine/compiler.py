@@ -45,10 +45,9 @@ class CompileError(StartupError):
             f"TRITON_COMPILER=true)")
 
 
-def root_cause(exc: BaseException) -> str:
-    """The innermost exception of a chain as ``Type: first line``. Dynamo wraps a backend's
-    failure (``BackendCompilerFailed``, ``InductorError``) in a message of several paragraphs;
-    the line that names the problem is the wrapped exception's."""
+def innermost(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain: Dynamo wraps a backend's failure
+    (``BackendCompilerFailed``, ``InductorError``), an out-of-memory error included."""
     seen: set[int] = set()
     while id(exc) not in seen:
         seen.add(id(exc))
@@ -56,6 +55,13 @@ def root_cause(exc: BaseException) -> str:
         if inner is None:
             break
         exc = inner
+    return exc
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost exception of a chain as ``Type: first line``: Dynamo's wrapper has a
+    message of several paragraphs; the line that names the problem is the wrapped one's."""
+    exc = innermost(exc)
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""
     text = text if len(text) <= 200 else text[:200] + "..."

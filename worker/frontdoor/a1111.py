@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from schemas import MAX_IMAGES, SEED_LIMIT
+from schemas import MAX_IMAGES
 from worker.errors import InputError, shown
 from worker.spec import CHECKPOINTS, MODEL_NAME
 
@@ -118,8 +118,8 @@ def job_input(body: Any, mode: str) -> tuple[dict[str, Any], list[str]]:
     if body.get("negative_prompt"):
         job["negative_prompt"] = body["negative_prompt"]
     seed = body.get("seed", -1)
-    if seed != -1:  # -1: a random seed, as in A1111
-        job["seed"] = seed % SEED_LIMIT if type(seed) is int and seed >= 0 else seed
+    if seed != -1:  # -1: a random seed, as in A1111; anything else is validated as ours
+        job["seed"] = seed
     for ours, theirs in (("num_inference_steps", "steps"), ("guidance_scale", "cfg_scale"),
                          ("width", "width"), ("height", "height")):
         if body.get(theirs) is not None:
@@ -154,7 +154,12 @@ def images_response(body: Mapping[str, Any], output: Mapping[str, Any],
                     warnings: Sequence[str]) -> dict[str, Any]:
     """Our output as A1111's response: raw base64 images, the request, ``info`` as JSON text."""
     params = output["parameters"]
-    seeds = [item["seed"] for item in output["images"]]
+    kept = [item for item in output["images"] if item["image"] is not None]
+    if not kept:
+        raise InputError("every image was withheld by the safety checker")
+    warnings = [*warnings, *(f"image with seed {item['seed']} was withheld by the safety "
+                             f"checker" for item in output["images"] if item["image"] is None)]
+    seeds = [item["seed"] for item in kept]
     sampler = NAME_OF[params["scheduler"]]
     negative = params["negative_prompt"] or ""
     infotext = (f"{params['prompt']}\nNegative prompt: {negative}\nSteps: "
@@ -175,7 +180,7 @@ def images_response(body: Mapping[str, Any], output: Mapping[str, Any],
         "version": MODEL_NAME, "warnings": [*warnings, *output.get("warnings", [])],
     }
     echoed = {**body, "init_images": None, "mask": None} if "init_images" in body else dict(body)
-    return {"images": [_raw(item["image"]) for item in output["images"]],
+    return {"images": [_raw(item["image"]) for item in kept],
             "parameters": echoed, "info": json.dumps(info)}
 
 

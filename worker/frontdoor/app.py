@@ -20,15 +20,16 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from worker.errors import InputError
+from worker.errors import InputError, shown
 from worker.frontdoor import a1111, openai_images
 from worker.outputs import encoding
 from worker.plan import Plan, Preview, StepCallback
@@ -39,9 +40,9 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # a Lightning job takes about a second on the GPU: try again after one
 LOADING_RETRY_S = 10  # a cold start loads for tens of seconds
 STATUS = {"done": 200, "rejected": 400, "failed": 500, "internal": 500}
+MAX_BODY_BYTES = 30_000_000  # RunPod's load-balancing endpoints carry 30 MB each way
 DISCONNECT_POLL_S = 0.1
 WARNINGS_HEADER = "X-Worker-Warnings"
-HTTP_ONLY = ("stream",)  # fields of POST /v1/generate that the queue job has no use for
 
 
 @dataclass
@@ -65,9 +66,10 @@ class Backend:
 class Refused(Exception):
     """A request answered before it reaches the job flow: status, message, extra headers."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.headers = status, headers or {}
+        self.status, self.headers, self.param = status, headers or {}, param
 
 
 # --- error shapes per API --------------------------------------------------------------------
@@ -99,8 +101,12 @@ def _shape_for(path: str) -> Shape:
 
 
 def _error(path: str, status: int, message: str, param: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    extra = {"x-should-retry": "false"} if status < 500 and status != 429 else {}
+           headers: dict[str, str] | None = None, retry: bool | None = None) -> JSONResponse:
+    # The OpenAI SDK retries 429 and 5xx twice unless told not to: a bad request or a job that
+    # failed for good (out of GPU memory, an invalid image) would cost three GPU runs.
+    if retry is None:
+        retry = status == 429 or status >= 500
+    extra = {} if retry else {"x-should-retry": "false"}
     return JSONResponse(_shape_for(path)(status, message, param), status_code=status,
                         headers={**extra, **(headers or {})})
 
@@ -118,7 +124,7 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
-        return _error(request.url.path, exc.status, str(exc), headers=exc.headers)
+        return _error(request.url.path, exc.status, str(exc), exc.param, headers=exc.headers)
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -131,10 +137,15 @@ def create_app(backend: Backend) -> FastAPI:
     @app.post("/v1/generate", response_model=None)
     async def generate(request: Request) -> Response:
         body = await _json(request)
-        stream = isinstance(body, dict) and body.pop("stream", False) is True
+        stream = body.pop("stream", False) if isinstance(body, dict) else False
+        if type(stream) is not bool:
+            raise Refused(400, f"invalid input: stream={shown(stream)} is invalid; allowed: true "
+                               f"or false", param="stream")
         if not stream:
             outcome = await _run(backend, request, body)
-            return JSONResponse(outcome.reply, status_code=STATUS[outcome.kind])
+            return _reply(request, outcome)
+        _check_ready(backend)  # busy and loading are 429 and 503 here, before the stream starts
+        _check_room(backend)
         return StreamingResponse(_events(backend, request, body), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
@@ -147,13 +158,18 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.post("/v1/images/edits")
     async def images_edits(request: Request) -> JSONResponse:
+        _check_ready(backend)
+        _check_room(backend)  # before reading the uploads
         form = await request.form()
-        files = [*form.getlist("image"), *form.getlist("image[]")]
-        images = [await item.read() for item in files if hasattr(item, "read")]
-        mask_file = form.get("mask")
-        mask = await mask_file.read() if hasattr(mask_file, "read") else None
-        scalars = {key: value for key, value in form.multi_items()
-                   if key not in ("image", "image[]", "mask") and isinstance(value, str)}
+        try:
+            files = [*form.getlist("image"), *form.getlist("image[]")]
+            images = [await item.read() for item in files if hasattr(item, "read")]
+            mask_file = form.get("mask")
+            mask = await mask_file.read() if hasattr(mask_file, "read") else None
+            scalars = {key: value for key, value in form.multi_items()
+                       if key not in ("image", "image[]", "mask") and isinstance(value, str)}
+        finally:
+            await form.close()
         return await _openai_job(backend, request, lambda has_bucket: (
             openai_images.edit_input(scalars, images, mask, has_bucket)))
 
@@ -171,11 +187,11 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> list[dict[str, Any]]:
-        return a1111.sd_models(_service(backend).engine.steps)
+        return a1111.sd_models(_check_ready(backend).engine.steps)
 
     @app.get("/sdapi/v1/options")
     async def options() -> dict[str, Any]:
-        return a1111.options(_service(backend).engine.steps)
+        return a1111.options(_check_ready(backend).engine.steps)
 
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict[str, Any]]:
@@ -193,9 +209,33 @@ def create_app(backend: Backend) -> FastAPI:
     async def progress() -> dict[str, Any]:
         return a1111.progress()
 
-    if backend.api_key:
+    app.add_middleware(BodyLimit)
+    if backend.api_key:  # added last: the outermost, so an unauthorised body is never read
         app.add_middleware(RequireKey, key=backend.api_key)
     return app
+
+
+class BodyLimit:
+    """Refuses a request body over RunPod's payload limit before reading it (413), and a body
+    of unknown length (411): queue mode has RunPod's cap in front of it, HTTP mode this."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            refusal = None
+            if length is None and b"chunked" in headers.get(b"transfer-encoding", b""):
+                refusal = (411, "send the request body with a Content-Length")
+            elif length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+                refusal = (413, f"the request body is over the {MAX_BODY_BYTES // 1_000_000} MB "
+                                f"limit (RunPod's load-balancing payload limit)")
+            if refusal:
+                await _error(scope["path"], *refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class RequireKey:
@@ -222,74 +262,130 @@ async def _json(request: Request) -> Any:
     raw = await request.body()
     try:
         return json.loads(raw)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise Refused(400, "invalid input: the body nests too deep to parse") from None
+    except ValueError:
         raise Refused(400, "invalid input: the body is not valid JSON") from None
 
 
-def _service(backend: Backend) -> Service:
-    if backend.service is None:
+def _check_ready(backend: Backend) -> Service:
+    if backend.service is None or backend.failure is not None:
         message = backend.failure or "the model is still loading"
         raise Refused(503, f"not ready: {message}", {"Retry-After": str(LOADING_RETRY_S)})
     return backend.service
 
 
-def _job_id(request: Request) -> str:
-    return request.headers.get("x-request-id", "")[:64] or f"http-{uuid.uuid4().hex[:12]}"
-
-
-async def _run(backend: Backend, request: Request, job_input: Any,
-               on_step: Callable[[Plan], StepCallback | None] | None = None) -> Outcome:
-    """``Service.run`` under admission control, cancelled if the client goes away."""
-    service = _service(backend)
+def _check_room(backend: Backend) -> None:
     if backend.held >= backend.max_running + backend.max_waiting:
         raise Refused(429, f"busy: {backend.held} requests are running or waiting (MAX_CONCURRENCY"
                            f" {backend.max_running} + MAX_WAITING {backend.max_waiting}); retry "
                            f"after {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _job_id(request: Request) -> str:
+    """The caller's ``X-Request-Id`` when it is a plain token (it is logged), else a new id."""
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.fullmatch(given) else f"http-{uuid.uuid4().hex[:12]}"
+
+
+async def _run(backend: Backend, request: Request, job_input: Any,
+               on_step: Callable[[Plan], StepCallback | None] | None = None,
+               inline: bool = False) -> Outcome:
+    """``Service.run`` under admission control, cancelled if the client goes away.
+
+    A request counts against ``MAX_CONCURRENCY + MAX_WAITING`` from admission until its job
+    ends. Whatever ends the wait (the client gone, this coroutine cancelled with its stream)
+    cancels the job: one still queued for the GPU never runs.
+    """
+    service = _check_ready(backend)
+    _check_room(backend)
     backend.held += 1
+    slots = backend.slots()
     try:
-        async with backend.slots():
-            task = asyncio.ensure_future(service.run(job_input, None, _job_id(request), on_step))
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    task.cancel()  # a job still queued for the GPU never runs
-                    log.info("client went away: job cancelled")
-                    raise Refused(499, "client closed the request")
-    finally:
+        await slots.acquire()
+    except BaseException:
         backend.held -= 1
+        raise
+    task = asyncio.ensure_future(service.run(job_input, None, _job_id(request), on_step,
+                                             inline=inline))
+
+    def finished(_: asyncio.Future) -> None:
+        backend.held -= 1
+        slots.release()
+
+    task.add_done_callback(finished)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return _checked(backend, task.result())
+            if await request.is_disconnected():
+                log.info("client went away: job cancelled")
+                raise Refused(499, "client closed the request")
+    except BaseException:
+        task.cancel()  # no-op once it is done
+        raise
+
+
+def _checked(backend: Backend, outcome: Outcome) -> Outcome:
+    """A bug on the GPU thread may have left CUDA unusable: in queue mode the reply asks RunPod
+    for a new worker; here ``/ping`` turns unhealthy, so RunPod replaces this one."""
+    if not outcome.reply.get("refresh_worker"):
+        return outcome
+    backend.failure = (f"a job failed on the GPU ({outcome.reply['error']}): this worker "
+                       f"stops serving so that RunPod replaces it")
+    log.error("HTTP mode: %s", backend.failure)
+    reply = {key: value for key, value in outcome.reply.items() if key != "refresh_worker"}
+    return replace(outcome, reply=reply)
+
+
+def _reply(request: Request, outcome: Outcome) -> JSONResponse:
+    if outcome.kind == "done":
+        return JSONResponse(outcome.reply)
+    return _error(request.url.path, STATUS[outcome.kind], outcome.reply["error"],
+                  retry=outcome.kind == "internal")
 
 
 async def _openai_job(backend: Backend, request: Request,
                       translate: Callable[[bool], tuple[dict[str, Any], str, list[str]]]
                       ) -> JSONResponse:
-    service = _service(backend)
+    service = _check_ready(backend)
     try:
         job, response_format, warnings = translate(service.delivery.bucket is not None)
     except openai_images.OpenAIFieldError as exc:
-        raise Refused(400, str(exc)) from None
+        raise Refused(400, str(exc), param=exc.param or None) from None
     except InputError as exc:
         raise Refused(400, str(exc)) from None
-    outcome = await _run(backend, request, job)
+    outcome = await _run(backend, request, job, inline=response_format == "b64_json")
     if outcome.kind != "done":
-        return _error(request.url.path, STATUS[outcome.kind], outcome.reply["error"])
-    warnings += outcome.reply.get("warnings", [])
-    return JSONResponse(openai_images.images_response(outcome.reply, response_format),
-                        headers=_warnings_header(warnings))
+        return _reply(request, outcome)
+    try:
+        body, withheld = openai_images.images_response(outcome.reply, response_format)
+    except openai_images.OpenAIFieldError as exc:
+        return _error(request.url.path, 400, str(exc), exc.param)
+    warnings += outcome.reply.get("warnings", []) + withheld
+    return JSONResponse(body, headers=_warnings_header(warnings))
 
 
 async def _a1111_job(backend: Backend, request: Request, mode: str) -> JSONResponse:
+    _check_ready(backend)
     body = await _json(request)
     try:
         job, warnings = a1111.job_input(body, mode)
     except InputError as exc:
         raise Refused(400, str(exc)) from None
-    outcome = await _run(backend, request, job)
+    outcome = await _run(backend, request, job, inline=True)  # A1111 clients decode base64
     if outcome.kind != "done":
-        return _error(request.url.path, STATUS[outcome.kind], outcome.reply["error"])
-    return JSONResponse(a1111.images_response(body, outcome.reply, warnings),
-                        headers=_warnings_header(warnings + outcome.reply.get("warnings", [])))
+        return _reply(request, outcome)
+    try:
+        answer = a1111.images_response(body, outcome.reply, warnings)
+    except InputError as exc:
+        return _error(request.url.path, 400, str(exc))
+    return JSONResponse(answer, headers=_warnings_header(
+        warnings + outcome.reply.get("warnings", [])))
 
 
 def _sse(event: str, data: Any) -> bytes:
@@ -312,7 +408,7 @@ async def _events(backend: Backend, request: Request, job_input: Any) -> AsyncIt
 
     async def finish() -> None:
         try:
-            outcome = await _run(backend, request, job_input, on_step)
+            outcome = await _run(backend, request, job_input, on_step)  # bucket as in queue mode
             kind = "result" if outcome.kind == "done" else "error"
             await events.put(_sse(kind, outcome.reply))
         except Refused as exc:

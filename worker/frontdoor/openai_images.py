@@ -117,11 +117,13 @@ def _quality(quality: Any, fields: dict[str, Any], job: dict[str, Any],
              warnings: list[str]) -> None:
     if quality is None:
         return
-    if quality not in QUALITY_STEPS:
+    if not isinstance(quality, str) or quality not in QUALITY_STEPS:
         raise OpenAIFieldError("quality", f"invalid input: quality={shown(quality)} is invalid; "
                                           f"allowed: {', '.join(QUALITY_STEPS)}")
     steps = QUALITY_STEPS[quality]
-    if steps is not None and "num_inference_steps" not in fields:
+    if steps is not None and "num_inference_steps" in fields:
+        warnings.append(f"quality {quality} was ignored: num_inference_steps is set")
+    elif steps is not None:
         job["num_inference_steps"] = steps
         warnings.append(f"quality {quality} runs the {steps}-step checkpoint (or the nearest "
                         f"one loaded)")
@@ -145,6 +147,10 @@ def edit_input(form: Mapping[str, Any], images: list[bytes], mask: bytes | None,
         raise OpenAIFieldError("image", f"invalid input: {len(images)} images were sent; this "
                                         f"endpoint edits one image per request")
     body = {name: _form_value(name, value) for name, value in form.items()}
+    if "mask_mode" in body:
+        raise OpenAIFieldError("mask_mode", "invalid input: mask_mode cannot be set on edits: "
+                                            "OpenAI's mask convention (transparent = edit) "
+                                            "applies")
     job, response_format, warnings = generation_input(body, has_bucket)
     job["image"] = base64.b64encode(images[0]).decode("ascii")
     if mask is not None:  # OpenAI's convention: fully transparent pixels are the area to edit
@@ -157,25 +163,32 @@ def _form_value(name: str, value: Any) -> Any:
     if name in FORM_SCALARS and isinstance(value, str):
         try:
             return json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's limit
             return value
     return value
 
 
 def images_response(output: Mapping[str, Any], response_format: str,
-                    created: int | None = None) -> dict[str, Any]:
-    """Our output as OpenAI's images response."""
+                    created: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Our output as OpenAI's images response, and a warning per image the safety checker
+    withheld (they are left out); ``OpenAIFieldError`` when it withheld them all."""
     params = output["parameters"]
-    data = []
+    data, withheld = [], []
     for item in output["images"]:
         uri = item["image"]
-        if response_format == "url":
+        if uri is None:
+            withheld.append(f"image with seed {item['seed']} was withheld by the safety checker")
+        elif response_format == "url":
             data.append({"url": uri})
         else:  # b64_json: raw base64, without our data-URI prefix
             data.append({"b64_json": uri.split(",", 1)[1] if uri.startswith("data:") else uri})
-    return {"created": int(time.time()) if created is None else created, "data": data,
+    if not data:
+        raise OpenAIFieldError("prompt", "every image was withheld by the safety checker "
+                                         "(content_policy_violation)")
+    body = {"created": int(time.time()) if created is None else created, "data": data,
             "output_format": params["output_format"], "background": "opaque",
             "size": f"{params['width']}x{params['height']}"}
+    return body, withheld
 
 
 def models_list() -> dict[str, Any]:

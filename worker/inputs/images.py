@@ -142,7 +142,9 @@ def load_mask(value: Any, field: str, size: tuple[int, int],
                                 "this mask has none (no alpha channel, or none at 0)")
         mask = alpha.point(lambda a: 255 if a == 0 else 0)
     else:
-        mask = decoder(data, field, limits, "L", 0)
+        # Transparent pixels are "keep" either way: on black before white repaints, on white
+        # before the inversion that makes black repaint.
+        mask = decoder(data, field, limits, "L", 255 if repaint == "black" else 0)
         if repaint == "black":
             mask = ImageOps.invert(mask)
     return mask if mask.size == tuple(size) else mask.resize(size, Image.Resampling.BILINEAR)

@@ -138,7 +138,7 @@ class Delivery:
             return uris
         except TimeoutError:
             log.warning("job %s: uploads to bucket %s still running at the %g s deadline",
-                        job_id, bucket.bucket_name, self.deadline_s)
+                        job_id, upload.logged_name(bucket), self.deadline_s)
             raise upload.UploadError(upload.MESSAGES["deadline"].format(
                 bucket=bucket.bucket_name, deadline=self.deadline_s), "deadline") from None
         finally:

@@ -236,6 +236,11 @@ def bucket_from_env(env: Mapping[str, str]) -> Bucket | None:
     return replace(bucket, trusted=True)
 
 
+def logged_name(bucket: Bucket) -> str:
+    """The bucket as log lines name it: the operator's by name, a job's without its text."""
+    return bucket.bucket_name if bucket.trusted else "(the job's s3Config)"
+
+
 def bucket_from_s3_config(cfg: object) -> Bucket:
     """A job's bucket from RunPod's ``s3Config``; ``InputError`` names bad keys, not values.
 
@@ -662,6 +667,7 @@ class Uploader:
         """Put ``data`` at ``key`` and return a presigned GET URL; raises ``UploadError``."""
         client = self.client(bucket)
         name = bucket.bucket_name
+        shown_name = logged_name(bucket)  # log lines carry no caller text
         deadline = budget.seconds if budget is not None else 0
         for attempt in range(1, self.attempts + 1):
             try:
@@ -673,7 +679,7 @@ class Uploader:
                 if budget is not None and budget.remaining() <= 0:
                     kind, code = "deadline", "deadline"  # whatever the cut socket raised
                 if kind != "transient" or attempt == self.attempts:
-                    log.warning("upload to bucket %s key %s failed: %s", name, key, code)
+                    log.warning("upload to bucket %s key %s failed: %s", shown_name, key, code)
                     # from None: a chained botocore error would carry the server's own text
                     # into tracebacks (AWS echoes the access key id in some error bodies).
                     message = MESSAGES[kind].format(code=code, bucket=name, attempts=attempt,
@@ -681,14 +687,14 @@ class Uploader:
                     raise UploadError(message, code) from None
                 delay = min(self._backoff_s * 2 ** (attempt - 1), self._max_backoff_s)
                 log.warning("upload to bucket %s key %s failed (%s), attempt %d of %d; retrying "
-                            "in %.1f s", name, key, code, attempt, self.attempts, delay)
+                            "in %.1f s", shown_name, key, code, attempt, self.attempts, delay)
                 if budget is None:
                     self._sleep(delay)
                 elif budget.wait(delay):
-                    log.warning("upload to bucket %s key %s: out of time", name, key)
+                    log.warning("upload to bucket %s key %s: out of time", shown_name, key)
                     raise UploadError(MESSAGES["deadline"].format(bucket=name, deadline=deadline),
                                       "deadline") from None
-        log.info("uploaded %d bytes to bucket %s key %s", len(data), name, key)
+        log.info("uploaded %d bytes to bucket %s key %s", len(data), shown_name, key)
         try:
             return client.generate_presigned_url(
                 "get_object", Params={"Bucket": name, "Key": key}, ExpiresIn=self.expiry_s)
