@@ -209,11 +209,12 @@ class TestOpenAI:
             self, serve: Serve, handler: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
         server = MotoS3()
         try:
-            server.client("s3").create_bucket(Bucket="images")
-            key_id, secret = server.create_user("worker", ALLOW)
+            server.client("s3").create_bucket(Bucket="http-images")
+            # moto's IAM is one per process: a user name of its own (test_api_features: worker)
+            key_id, secret = server.create_user("http-mode-worker", ALLOW)
             server.enforce_auth()
             bucket = upload.bucket_from_env({
-                "BUCKET_ENDPOINT_URL": f"{server.endpoint}/images",
+                "BUCKET_ENDPOINT_URL": f"{server.endpoint}/http-images",
                 "BUCKET_ACCESS_KEY_ID": key_id, "BUCKET_SECRET_ACCESS_KEY": secret})
             monkeypatch.setattr(handler.DELIVERY, "bucket", bucket)
             with serve() as base:
@@ -229,7 +230,8 @@ class TestOpenAI:
                     sampler_name="Euler").image
                 assert a1111_image.size == (512, 512)
             url = result.data[0].url
-            assert url.startswith(f"{server.endpoint}/images/") and result.data[0].b64_json is None
+            assert url.startswith(f"{server.endpoint}/http-images/")
+            assert result.data[0].b64_json is None
             with server.auth_off(), urllib.request.urlopen(url, timeout=10) as reply:
                 assert Image.open(io.BytesIO(reply.read())).size == (512, 512)
         finally:
