@@ -57,8 +57,10 @@ def statuses_until(url: str, proc: subprocess.Popen, log_path: Path, final: set[
 
 def test_ping_says_initializing_while_loading_then_healthy(
         tmp_path: Path, tiny_model_dir: Path) -> None:
-    with http_worker(tmp_path, MODEL_DIR=str(tiny_model_dir)) as (url, proc, log_path):
-        seen = statuses_until(url, proc, log_path, {200})
+    health = free_port()  # PORT_HEALTH apart from PORT: a second listener serves /ping there
+    with http_worker(tmp_path, MODEL_DIR=str(tiny_model_dir),
+                     PORT_HEALTH=str(health)) as (url, proc, log_path):
+        seen = statuses_until(f"http://127.0.0.1:{health}", proc, log_path, {200})
         answered = [s for s in seen if s is not None]
         assert answered[0] == 204 and set(answered) == {204, 200}, seen
         # The loading phase was served: more 204s than refused connections before it.
