@@ -54,7 +54,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from schemas import MIN_SIDE
-from worker.engine import compiler, loading, safety
+from worker.engine import adapters, compiler, loading, safety
 from worker.engine.decode import decode_latents, preview_jpeg
 from worker.errors import JobError, ModelFolderError, StartupError
 from worker.plan import BatchStep, Plan, warmup_plan
@@ -158,6 +158,8 @@ class Engine:
         # tokenizer's padding/truncation state is per object, so counting uses its own copy.
         self._counter = copy.deepcopy(next(iter(pipes.values())).tokenizer)
         self._counter_lock = threading.Lock()
+        # Per-job LoRAs, merged into the weights around each batch (worker/engine/adapters.py).
+        self.loras = adapters.LoraBank(device, dtype)
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -329,7 +331,9 @@ class Engine:
 
             kwargs["callback_on_step_end"] = callback
         try:
-            with torch.inference_mode():
+            # The batch's LoRAs (one set: shape_key) live in the weights only inside this block.
+            with self.loras.merged(first.steps, self.pipes[first.steps], first.loras), \
+                    torch.inference_mode():
                 images = decode_latents(self.taesd or pipe.vae, pipe(**kwargs).images)
         finally:
             if estimate is not None:

@@ -67,6 +67,14 @@ DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # inpainting repaints the m
 ALIASES = {"num_steps": "num_inference_steps", "steps": "num_inference_steps",
            "guidance": "guidance_scale", "num_outputs": "num_images", "image_b64": "image"}
 
+# Per-job LoRAs (fal's field names, so its clients carry over). The list may be longer than the
+# worker's MAX_LORAS (cut, with a warning, by worker/adapters/store.py) but not unbounded; scales
+# outside LORA_SCALES are clamped there too: past +-2..4 a LoRA only burns the image.
+MAX_LORA_ENTRIES = 16
+LORA_SCALES = (-2.0, 4.0)
+MAX_LORA_PATH_CHARS = 2048
+
+
 # What each field accepts, in words: every error message quotes it.
 RULES: dict[str, str] = {
     "prompt": f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
@@ -90,7 +98,19 @@ RULES: dict[str, str] = {
     "mask_mode": "which mask pixels repaint: white (default), black, or transparent (alpha 0; "
                  "the mask needs an alpha channel)",
     "preview": "true or false: a small JPEG of each step's estimate in the progress updates",
+    "loras": f"a list of at most {MAX_LORA_ENTRIES} objects {{\"path\": a .safetensors file "
+             f"name in LORA_DIR or an https URL, \"scale\": a number, default 1, "
+             f"{LORA_SCALES[0]:g} to {LORA_SCALES[1]:g}}}; the worker uses at most MAX_LORAS",
 }
+
+
+class LoraInput(BaseModel):
+    """One entry of ``loras``: a file name inside LORA_DIR or an https URL, and its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_LORA_PATH_CHARS)]
+    scale: Float = 1.0
 
 
 def _lower(value: Any) -> Any:
@@ -129,6 +149,7 @@ class GenerateRequest(BaseModel):
     disable_safety_checker: bool = False
     mask_mode: Annotated[Literal[MASK_MODES], BeforeValidator(_lower)] = "white"
     preview: bool = False
+    loras: tuple[LoraInput, ...] = Field((), max_length=MAX_LORA_ENTRIES)
 
     @field_validator("prompt")
     @classmethod
@@ -151,6 +172,10 @@ class GenerateRequest(BaseModel):
         return "img2img" if self.mask is None else "inpaint"
 
 
+# Fields whose entries are objects: their keys, for errors inside an entry.
+NESTED = {"loras": tuple(LoraInput.model_fields)}
+
+
 def merge_aliases(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Rename other providers' field names to ours; two names for one field must agree."""
     merged: dict[str, Any] = {}
@@ -169,6 +194,15 @@ def _describe(error: Mapping[str, Any]) -> str:
     if not error["loc"]:  # a rule across fields (model validator)
         return str(error["msg"]).removeprefix("Value error, ")
     field = str(error["loc"][0])
+    if len(error["loc"]) > 1 and field in NESTED:  # inside a list entry: name the entry's key
+        where = field + "".join(f"[{part}]" if isinstance(part, int) else f".{part}"
+                                for part in error["loc"][1:])
+        if error["type"] == "extra_forbidden":
+            return f"unknown field {shown(where, SHOWN_CHARS)}: an entry of {field} takes " \
+                   f"{', '.join(NESTED[field])}"
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        return f"{where}={shown(error['input'], SHOWN_CHARS)} is invalid ({reason}); " \
+               f"allowed: {RULES[field]}"
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field[:100], RULES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -224,7 +258,7 @@ def format_validation_error(exc: ValidationError) -> str:
     unknown: list[str] = []
     for error in exc.errors(include_url=False):
         field = str(error["loc"][0]) if error["loc"] else ""
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
             unknown.append(field)
         elif not field or field not in fields:
             fields.add(field)

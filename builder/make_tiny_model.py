@@ -213,6 +213,107 @@ def build(out: Path, spec: ModelSpec,
     return out
 
 
+# ---- tiny adapters for the tiny model (tests, benchmark) ------------------------------------
+# Linear layers a LoRA adapts, as trainers (kohya's sd-scripts, diffusers' train_dreambooth_lora)
+# target them: every attention projection and the feed-forward, in the UNet and both encoders.
+LORA_UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+LORA_TEXT_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _lora_layers(model_dir: Path, text_encoders: bool) -> list[tuple[str, str, int, int]]:
+    """(component, module path, in, out) of every layer a LoRA for this model adapts."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(
+            model_dir / "unet"))
+    layers = [("unet", name, module.in_features, module.out_features)
+              for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear)
+              and name.endswith(LORA_UNET_LAYERS) and ".transformer_blocks." in name]
+    if text_encoders:
+        for component in ("text_encoder", "text_encoder_2"):
+            config = CLIPTextConfig.from_pretrained(model_dir / component)
+            for layer in range(config.num_hidden_layers):
+                layers += [(component, f"text_model.encoder.layers.{layer}.self_attn.{name}",
+                            config.hidden_size, config.hidden_size) for name in LORA_TEXT_LAYERS]
+    return layers
+
+
+def lora_factors(model_dir: Path, seed: int, rank: int = 2, text_encoders: bool = False,
+                 only: str | tuple[str, ...] = "",
+                 ) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Random (down, up) factors per layer, seeded; ``only`` keeps layers whose path ends so."""
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    for component, path, width_in, width_out in _lora_layers(model_dir, text_encoders):
+        if only and not path.endswith(only):
+            continue
+        down = torch.randn(rank, width_in, generator=generator) / width_in ** 0.5
+        # x4: the tiny model's images are mostly its VAE's noise; a LoRA must show through it
+        up = 4 * torch.randn(width_out, rank, generator=generator)
+        factors[(component, path)] = (down, up)
+    return factors
+
+
+def write_diffusers_lora(path: Path, model_dir: Path, seed: int = 0, rank: int = 2,
+                         text_encoders: bool = False, only: str | tuple[str, ...] = "") -> Path:
+    """A LoRA in diffusers/PEFT layout (``unet.<path>.lora_A.weight``), what diffusers'
+    ``save_lora_weights`` writes; no alpha (= rank: scale 1)."""
+    state = {}
+    for (component, module), (down, up) in lora_factors(model_dir, seed, rank, text_encoders,
+                                                        only).items():
+        state[f"{component}.{module}.lora_A.weight"] = down
+        state[f"{component}.{module}.lora_B.weight"] = up
+    return _save_adapter(state, path)
+
+
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def write_kohya_lora(path: Path, model_dir: Path, seed: int = 0, rank: int = 2,
+                     text_encoders: bool = False, alpha: float | None = None,
+                     only: str | tuple[str, ...] = "") -> Path:
+    """The same factors in kohya/A1111 layout (``lora_unet_<path with _>.lora_down.weight``,
+    ``.alpha``), as most Civitai files are; ``alpha`` None writes alpha = rank (scale 1)."""
+    state = {}
+    for (component, module), (down, up) in lora_factors(model_dir, seed, rank, text_encoders,
+                                                        only).items():
+        key = KOHYA_PREFIX[component] + module.replace(".", "_")
+        state[f"{key}.lora_down.weight"] = down
+        state[f"{key}.lora_up.weight"] = up
+        state[f"{key}.alpha"] = torch.tensor(float(rank if alpha is None else alpha))
+    return _save_adapter(state, path)
+
+
+def write_foreign_lora(path: Path, kind: str) -> Path:
+    """Files that are not an SDXL LoRA, for the error tests: ``sd15`` (cross-attention fed
+    768-wide text features), ``flux`` (transformer keys), ``loha`` (LyCORIS), ``nolora``."""
+    generator = torch.Generator().manual_seed(7)
+    if kind == "sd15":
+        key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+        state = {f"{key}.lora_down.weight": torch.randn(2, 768, generator=generator),
+                 f"{key}.lora_up.weight": torch.randn(4, 2, generator=generator),
+                 f"{key}.alpha": torch.tensor(2.0)}
+    elif kind == "flux":
+        state = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight":
+                 torch.randn(2, 8, generator=generator),
+                 "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight":
+                 torch.randn(8, 2, generator=generator)}
+    elif kind == "loha":
+        key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+        state = {f"{key}.hada_w1_a": torch.randn(4, 2, generator=generator),
+                 f"{key}.hada_w1_b": torch.randn(2, 4, generator=generator)}
+    elif kind == "nolora":
+        state = {"conv.weight": torch.randn(4, 4, generator=generator)}
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return _save_adapter(state, path)
+
+
+def _save_adapter(state: dict[str, torch.Tensor], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)

@@ -48,6 +48,20 @@ X0_UNSUPPORTED = frozenset({"K_EULER_ANCESTRAL", "PNDM"})
 
 
 @dataclass(frozen=True)
+class LoraUse:
+    """One LoRA of a job, resolved: the path as the caller gave it, the local file, its sha256
+    (what identifies it: caches, batching, the response) and the effective scale."""
+
+    path: str
+    file: str
+    sha256: str
+    scale: float
+
+    def echo(self) -> dict[str, object]:
+        return {"path": self.path, "scale": self.scale, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything one generation needs, after every adjustment."""
 
@@ -67,6 +81,7 @@ class Plan:
     preview: bool = False  # per-step previews of the estimate, for progress updates
     init_image: Any = None  # PIL images at (width, height), attached by inputs/prepare.py
     mask_image: Any = None
+    loras: tuple[LoraUse, ...] = ()  # attached by inputs/prepare.py (worker/adapters/store.py)
 
     @property
     def checkpoint(self) -> str:
@@ -79,11 +94,19 @@ class Plan:
     def shape_key(self) -> tuple[object, ...]:
         """Plans with equal keys can run as one batch on the GPU."""
         return (self.mode, self.width, self.height, self.steps, self.guidance_scale,
-                self.negative_prompt is None, self.scheduler, self.strength)
+                self.negative_prompt is None, self.scheduler, self.strength,
+                self.adapter_key)
+
+    @property
+    def adapter_key(self) -> tuple[object, ...]:
+        """Only jobs with identical adapters share a batch: they run on the same weights."""
+        return tuple((lora.sha256, lora.scale) for lora in self.loras)
 
     def parameters(self) -> dict[str, object]:
         """The ``parameters`` block of the response: the values actually used."""
         lossy = self.output_format != "png"
+        # Adapters only where a job used some: a plain job's response is what it always was.
+        adapters = {"loras": [lora.echo() for lora in self.loras]} if self.loras else {}
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt,
                 "width": self.width, "height": self.height,
                 "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
@@ -91,7 +114,7 @@ class Plan:
                 "strength": self.strength, "scheduler": self.scheduler,
                 "output_format": self.output_format, "quality": self.quality if lossy else None,
                 "safety_checker": self.safety_check,
-                "model": MODEL_NAME, "checkpoint": self.checkpoint}
+                "model": MODEL_NAME, "checkpoint": self.checkpoint} | adapters
 
 
 def snap_side(name: str, value: int) -> tuple[int, str | None]:
