@@ -8,8 +8,9 @@ feed-forward layer of the tiny UNet, and of both text encoders where asked).
 
 from __future__ import annotations
 
+import base64
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 from builder import make_tiny_model
 from pipeline import Engine
+from tests.integration.conftest import Run
 from worker.errors import InputError
 from worker.gpu_queue import GpuWorker
 from worker.plan import LoraUse, Plan
@@ -268,3 +270,64 @@ class TestBadFiles:
         after = weights(engine)
         assert all(torch.equal(before[key], after[key]) for key in before)
         assert np.array_equal(pixels(engine, plan()), plain)
+
+
+# ---- through the worker: the handler on the tiny model, LORA_DIR = <model folder>/loras ------
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir: Path, lora_files: dict[str, Path]) -> Path:
+    """The test LoRAs copied into the handler's default LORA_DIR (no network volume here)."""
+    folder = tiny_model_dir / "loras"
+    folder.mkdir(exist_ok=True)
+    for name, path in lora_files.items():
+        (folder / f"{name}.safetensors").write_bytes(path.read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(job_runner: Callable[..., Run]) -> Run:
+    return job_runner("lora-job", prompt="a red fox", width=512, height=512, seed=21)
+
+
+def image_bytes(response: dict) -> bytes:
+    assert "images" in response, response
+    return base64.b64decode(response["images"][0]["image"].split(",", 1)[1])
+
+
+class TestThroughTheWorker:
+    def test_a_lora_job_echoes_its_adapters_and_leaves_plain_jobs_unchanged(
+            self, run: Run, served: Path) -> None:
+        before = image_bytes(run())
+        response = run(loras=[{"path": "a.safetensors", "scale": 0.75}])
+        assert response["parameters"]["loras"] == [{
+            "path": "a.safetensors", "scale": 0.75,
+            "sha256": hashlib.sha256((served / "a.safetensors").read_bytes()).hexdigest()}]
+        assert image_bytes(response) != before
+        run(loras=[{"path": "b.safetensors", "scale": -1}, {"path": "text.safetensors"}])
+        after = run()
+        assert image_bytes(after) == before
+        assert "loras" not in after["parameters"]
+
+    def test_cut_and_clamped_adapters_are_warned_about(self, run: Run, served: Path) -> None:
+        response = run(loras=[{"path": "a.safetensors", "scale": 7}] + [
+            {"path": "b.safetensors"}] * 4)
+        assert response["parameters"]["loras"][0]["scale"] == 4.0
+        assert len(response["parameters"]["loras"]) == 4
+        assert "loras: only the first 4 of 5 were used (MAX_LORAS=4)" in response["warnings"]
+        assert "loras[0].scale 7 was clamped to 4 (allowed -2 to 4)" in response["warnings"]
+
+    @pytest.mark.parametrize(("path", "says"), [
+        ("sd15.safetensors", "SD 1.x"), ("flux.safetensors", "Flux"),
+        ("nolora.safetensors", "no LoRA weights"), ("missing.safetensors", "no such file"),
+        ("../model_index.json", "only .safetensors"),
+    ])
+    def test_a_bad_lora_is_a_clear_error_never_an_internal_one(
+            self, run: Run, served: Path, path: str, says: str) -> None:
+        response = run(loras=[{"path": path}])
+        assert set(response) == {"error"}, response
+        assert says in response["error"] and "internal" not in response["error"]
+
+    def test_after_a_bad_lora_the_next_job_is_unchanged(self, run: Run, served: Path) -> None:
+        before = image_bytes(run(seed=22))
+        run(loras=[{"path": "a.safetensors"}, {"path": "sd15.safetensors"}], seed=22)
+        assert image_bytes(run(seed=22)) == before

@@ -74,10 +74,10 @@ class LoraStore:
         self._hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256
         self._disk: Lru[str, int] = Lru(limit=self.cache_bytes, size=lambda size: size)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        # Files a previous worker left, oldest first, so the budget counts them.
+        # Files a previous worker left (on a volume), oldest first, so the budget counts them:
+        # a smaller LORA_CACHE_GB than last time deletes the oldest now.
         for path in sorted(self.cache_dir.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
-            self._disk.put(path.name, path.stat().st_size)
-        self._evict(self._disk.trim())  # a smaller LORA_CACHE_GB than last time
+            self._evict(self._disk.put(path.name, path.stat().st_size))
 
     def resolve(self, entries: Sequence[LoraInput]) -> tuple[tuple[LoraUse, ...], list[str]]:
         """The job's LoRAs, resolved; warnings for what was cut or clamped."""
@@ -150,6 +150,7 @@ class LoraStore:
             with self._lock:
                 if name in self._disk and path.is_file():
                     self._disk.get(name)
+                    os.utime(path)  # the order a restarted worker rebuilds its LRU from
                     return path
             limits = FetchLimits(max_bytes=self.max_bytes, timeout_s=DOWNLOAD_TIMEOUT_S,
                                  accept=("application/octet-stream",))
