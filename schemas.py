@@ -101,6 +101,9 @@ RULES: dict[str, str] = {
     "loras": f"a list of at most {MAX_LORA_ENTRIES} objects {{\"path\": a .safetensors file "
              f"name in LORA_DIR or an https URL, \"scale\": a number, default 1, "
              f"{LORA_SCALES[0]:g} to {LORA_SCALES[1]:g}}}; the worker uses at most MAX_LORAS",
+    "prompt_weighting": "true (default) or false: A1111 syntax (word:1.3), (word), [word], \\( "
+                        "for a literal bracket, and prompts past 77 CLIP tokens in 77-token "
+                        "chunks; false: the text as written, cut at 77 tokens",
 }
 
 
@@ -150,6 +153,7 @@ class GenerateRequest(BaseModel):
     mask_mode: Annotated[Literal[MASK_MODES], BeforeValidator(_lower)] = "white"
     preview: bool = False
     loras: tuple[LoraInput, ...] = Field((), max_length=MAX_LORA_ENTRIES)
+    prompt_weighting: bool = True
 
     @field_validator("prompt")
     @classmethod

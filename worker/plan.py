@@ -82,6 +82,9 @@ class Plan:
     init_image: Any = None  # PIL images at (width, height), attached by inputs/prepare.py
     mask_image: Any = None
     loras: tuple[LoraUse, ...] = ()  # attached by inputs/prepare.py (worker/adapters/store.py)
+    # Prompts encoded by compel (weighting syntax, or past 77 tokens: chunked), set by
+    # inputs/prepare.py; False: diffusers' own encoding, today's exact bytes.
+    weighted: bool = False
 
     @property
     def checkpoint(self) -> str:
@@ -100,7 +103,10 @@ class Plan:
     @property
     def adapter_key(self) -> tuple[object, ...]:
         """Only jobs with identical adapters share a batch: they run on the same weights."""
-        return tuple((lora.sha256, lora.scale) for lora in self.loras)
+        # Weighted prompts batch only with the very same prompts: their conditioning may be
+        # several 77-token chunks long, and padding a row changes its image.
+        texts = (self.prompt, self.negative_prompt) if self.weighted else ()
+        return tuple((lora.sha256, lora.scale) for lora in self.loras) + texts
 
     def parameters(self) -> dict[str, object]:
         """The ``parameters`` block of the response: the values actually used."""

@@ -19,6 +19,7 @@ from PIL import Image
 
 from schemas import CLIP_MAX_TOKENS, GenerateRequest
 from worker.adapters.store import LoraStore
+from worker.adapters.weighting import has_syntax
 from worker.errors import InputError
 from worker.inputs.images import Decoder, decode_flat, load_image, load_mask
 from worker.inputs.pool import DecodePool, shared_pool
@@ -60,6 +61,7 @@ def prepare(request: GenerateRequest, steps: tuple[int, ...], safety_mode: str,
     if request.mask is None and "mask_mode" in request.model_fields_set:
         warnings.append("mask_mode was ignored: it applies only with a mask")
     plan, adapter_warnings = attach_loras(plan, request, loras)
+    plan = replace(plan, weighted=needs_weighting(plan, request, count_tokens))
     return plan, warnings + adapter_warnings + truncation_warnings(plan, count_tokens)
 
 
@@ -74,9 +76,20 @@ def attach_loras(plan: Plan, request: GenerateRequest,
     return replace(plan, loras=uses), warnings
 
 
+def needs_weighting(plan: Plan, request: GenerateRequest,
+                    count_tokens: Callable[[str], int]) -> bool:
+    """Whether the prompts go through compel: weighting syntax, or too long for one chunk."""
+    return request.prompt_weighting and any(
+        has_syntax(text) or count_tokens(text) > CLIP_MAX_TOKENS
+        for text in (plan.prompt, plan.negative_prompt) if text)
+
+
 def truncation_warnings(plan: Plan, count_tokens: Callable[[str], int]) -> list[str]:
-    """CLIP reads 77 tokens; say so when a prompt that is used runs past them."""
+    """CLIP reads 77 tokens; say so when a prompt that is used runs past them (not when it is
+    encoded in chunks: ``plan.weighted``)."""
     warnings = []
+    if plan.weighted:
+        return warnings
     for name, text in (("prompt", plan.prompt), ("negative_prompt", plan.negative_prompt)):
         if text and (count := count_tokens(text)) > CLIP_MAX_TOKENS:
             warnings.append(f"{name} is {count} CLIP tokens; only the first {CLIP_MAX_TOKENS} "
