@@ -161,6 +161,7 @@ class Engine:
         # Per-job LoRAs, merged into the weights around each batch (worker/engine/adapters.py).
         self.loras = adapters.LoraBank(device, dtype)
         self._prompts: weighting.PromptEncoder | None = None  # compel, built on first use
+        self.embeddings = adapters.EmbeddingBank()  # textual inversion, added per batch
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -334,6 +335,7 @@ class Engine:
         try:
             # The batch's LoRAs (one set: shape_key) live in the weights only inside this block.
             with self.loras.merged(first.steps, self.pipes[first.steps], first.loras), \
+                    self.embeddings.added(self.pipes[first.steps], first.embeddings), \
                     torch.inference_mode():
                 if first.weighted:  # after the merge: text-encoder LoRAs act on the encoding
                     kwargs.update(self._weighted_prompts(first, len(rows)))

@@ -75,6 +75,11 @@ LORA_SCALES = (-2.0, 4.0)
 MAX_LORA_PATH_CHARS = 2048
 
 
+# Textual-inversion embeddings (fal's field names): SDXL files hold one vector set per encoder.
+MAX_EMBEDDINGS = 4
+DEFAULT_EMBEDDING_TOKENS = ("<s0>", "<s1>")  # what fal's and Replicate's SDXL trainers write
+MAX_TOKEN_CHARS = 64
+
 # What each field accepts, in words: every error message quotes it.
 RULES: dict[str, str] = {
     "prompt": f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
@@ -101,6 +106,10 @@ RULES: dict[str, str] = {
     "loras": f"a list of at most {MAX_LORA_ENTRIES} objects {{\"path\": a .safetensors file "
              f"name in LORA_DIR or an https URL, \"scale\": a number, default 1, "
              f"{LORA_SCALES[0]:g} to {LORA_SCALES[1]:g}}}; the worker uses at most MAX_LORAS",
+    "embeddings": f"a list of at most {MAX_EMBEDDINGS} objects {{\"path\": an SDXL "
+                  f"textual-inversion .safetensors (clip_l and clip_g) in LORA_DIR or an https "
+                  f"URL, \"tokens\": the words that stand for its vectors, default "
+                  f"[\"<s0>\", \"<s1>\"]}}",
     "prompt_weighting": "true (default) or false: A1111 syntax (word:1.3), (word), [word], \\( "
                         "for a literal bracket, and prompts past 77 CLIP tokens in 77-token "
                         "chunks; false: the text as written, cut at 77 tokens",
@@ -114,6 +123,19 @@ class LoraInput(BaseModel):
 
     path: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_LORA_PATH_CHARS)]
     scale: Float = 1.0
+
+
+Token = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_TOKEN_CHARS,
+                             pattern=r"^\S+$")]
+
+
+class EmbeddingInput(BaseModel):
+    """One entry of ``embeddings``: the file and the prompt words that stand for its vectors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_LORA_PATH_CHARS)]
+    tokens: tuple[Token, ...] = Field(DEFAULT_EMBEDDING_TOKENS, min_length=1, max_length=16)
 
 
 def _lower(value: Any) -> Any:
@@ -153,6 +175,7 @@ class GenerateRequest(BaseModel):
     mask_mode: Annotated[Literal[MASK_MODES], BeforeValidator(_lower)] = "white"
     preview: bool = False
     loras: tuple[LoraInput, ...] = Field((), max_length=MAX_LORA_ENTRIES)
+    embeddings: tuple[EmbeddingInput, ...] = Field((), max_length=MAX_EMBEDDINGS)
     prompt_weighting: bool = True
 
     @field_validator("prompt")
@@ -161,6 +184,14 @@ class GenerateRequest(BaseModel):
         if not value.strip():
             raise ValueError("the prompt is empty or blank")
         return value
+
+    @model_validator(mode="after")
+    def _tokens_are_distinct(self) -> GenerateRequest:
+        tokens = [token for entry in self.embeddings for token in entry.tokens]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("embeddings: each token may stand for one embedding only; "
+                             "give each embedding its own tokens")
+        return self
 
     @model_validator(mode="after")
     def _mask_needs_image(self) -> GenerateRequest:
@@ -177,7 +208,8 @@ class GenerateRequest(BaseModel):
 
 
 # Fields whose entries are objects: their keys, for errors inside an entry.
-NESTED = {"loras": tuple(LoraInput.model_fields)}
+NESTED = {"loras": tuple(LoraInput.model_fields),
+          "embeddings": tuple(EmbeddingInput.model_fields)}
 
 
 def merge_aliases(raw: Mapping[str, Any]) -> dict[str, Any]:

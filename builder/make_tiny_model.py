@@ -308,6 +308,23 @@ def write_foreign_lora(path: Path, kind: str) -> Path:
     return _save_adapter(state, path)
 
 
+def write_sdxl_embedding(path: Path, vectors: int = 2, seed: int = 0,
+                         widths: tuple[int, int] = (TEXT_HIDDEN, TEXT_HIDDEN)) -> Path:
+    """An SDXL textual-inversion file (``clip_l``, ``clip_g``: ``vectors`` rows each), as the
+    SDXL trainers write it; ``widths`` (768,) style SD 1.x files come from ``write_sd15_...``."""
+    generator = torch.Generator().manual_seed(seed)
+    # x3: a token's vector must stand out of the tiny encoders' random ones to show in images
+    return _save_adapter({"clip_l": 3 * torch.randn(vectors, widths[0], generator=generator),
+                          "clip_g": 3 * torch.randn(vectors, widths[1], generator=generator)},
+                         path)
+
+
+def write_sd15_embedding(path: Path) -> Path:
+    """An SD 1.x embedding (A1111's ``emb_params``, 768-wide): not for SDXL."""
+    return _save_adapter({"emb_params": torch.randn(2, 768, generator=torch.Generator()
+                                                    .manual_seed(5))}, path)
+
+
 def _save_adapter(state: dict[str, torch.Tensor], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))

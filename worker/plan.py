@@ -62,6 +62,19 @@ class LoraUse:
 
 
 @dataclass(frozen=True)
+class EmbeddingUse:
+    """One textual-inversion embedding of a job, resolved like a ``LoraUse``."""
+
+    path: str
+    file: str
+    sha256: str
+    tokens: tuple[str, ...]
+
+    def echo(self) -> dict[str, object]:
+        return {"path": self.path, "tokens": list(self.tokens), "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything one generation needs, after every adjustment."""
 
@@ -85,6 +98,7 @@ class Plan:
     # Prompts encoded by compel (weighting syntax, or past 77 tokens: chunked), set by
     # inputs/prepare.py; False: diffusers' own encoding, today's exact bytes.
     weighted: bool = False
+    embeddings: tuple[EmbeddingUse, ...] = ()  # attached like loras
 
     @property
     def checkpoint(self) -> str:
@@ -106,13 +120,16 @@ class Plan:
         # Weighted prompts batch only with the very same prompts: their conditioning may be
         # several 77-token chunks long, and padding a row changes its image.
         texts = (self.prompt, self.negative_prompt) if self.weighted else ()
-        return tuple((lora.sha256, lora.scale) for lora in self.loras) + texts
+        return (tuple((lora.sha256, lora.scale) for lora in self.loras) + texts
+                + tuple((e.sha256, e.tokens) for e in self.embeddings))
 
     def parameters(self) -> dict[str, object]:
         """The ``parameters`` block of the response: the values actually used."""
         lossy = self.output_format != "png"
         # Adapters only where a job used some: a plain job's response is what it always was.
         adapters = {"loras": [lora.echo() for lora in self.loras]} if self.loras else {}
+        if self.embeddings:
+            adapters["embeddings"] = [embedding.echo() for embedding in self.embeddings]
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt,
                 "width": self.width, "height": self.height,
                 "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,

@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas import LORA_SCALES, LoraInput
+from schemas import LORA_SCALES, EmbeddingInput, LoraInput
 from worker.adapters.cache import Lru
 from worker.errors import MIB, InputError, shown
 from worker.inputs.fetch import FetchLimits, fetch
-from worker.plan import LoraUse
+from worker.plan import EmbeddingUse, LoraUse
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,21 @@ class LoraStore:
             path = self._file_for(entry.path, f"loras[{index}].path")
             uses.append(LoraUse(path=entry.path, file=str(path), sha256=self._hash(path),
                                 scale=scale))
+        return tuple(uses), warnings
+
+    def resolve_embeddings(self, entries: Sequence[EmbeddingInput], texts: Sequence[str | None],
+                           ) -> tuple[tuple[EmbeddingUse, ...], list[str]]:
+        """The job's embeddings, found or downloaded like LoRAs; a warning for each token that
+        appears in none of ``texts`` (the prompts the job uses)."""
+        uses, warnings = [], []
+        for index, entry in enumerate(entries):
+            path = self._file_for(entry.path, f"embeddings[{index}].path")
+            uses.append(EmbeddingUse(path=entry.path, file=str(path), sha256=self._hash(path),
+                                     tokens=entry.tokens))
+            for token in entry.tokens:
+                if not any(text and token in text for text in texts):
+                    warnings.append(f"embeddings[{index}]: token {shown(token)} appears in no "
+                                    f"prompt, so the embedding does nothing there")
         return tuple(uses), warnings
 
     def _file_for(self, given: str, field_name: str) -> Path:

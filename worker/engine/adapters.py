@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from worker.adapters.cache import Lru
 from worker.engine.loading import FUSED_FOR_GOOD
 from worker.errors import InputError, shown
-from worker.plan import LoraUse
+from worker.plan import EmbeddingUse, LoraUse
 
 log = logging.getLogger(__name__)
 
@@ -286,3 +286,91 @@ class LoraBank:
 def loaded_count(bank: LoraBank) -> int:
     """LoRAs resident in ``bank`` (tests, benchmark)."""
     return len(bank._loaded)  # noqa: SLF001 - a read-only peek for reports
+
+
+# ---- textual-inversion embeddings ------------------------------------------------------------
+# An SDXL embedding holds one vector set per text encoder (the kohya/A1111 and diffusers
+# trainers both write these two keys); an SD 1.x file holds only 768-wide vectors.
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+
+
+def read_embedding(use: EmbeddingUse, widths: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The file's two vector sets, checked against the encoders' widths and the tokens."""
+    state = read_state(Path(use.file), use.path)
+    name = use.path
+    if not all(key in state for key in SDXL_EMBEDDING_KEYS):
+        found = ", ".join(f"{k} {list(v.shape)}" for k, v in list(state.items())[:4])
+        kind = (" (an SD 1.x embedding: 768-wide, one encoder)"
+                if any(v.shape[-1] == 768 for v in state.values()) else "")
+        raise InputError(f"invalid input: embeddings file {shown(name, 80)} is no SDXL "
+                         f"textual-inversion embedding: it needs clip_l and clip_g vectors, it "
+                         f"holds {found}{kind}")
+    vectors = {}
+    for key, width in zip(SDXL_EMBEDDING_KEYS, widths, strict=True):
+        tensor = state[key]
+        tensor = tensor.unsqueeze(0) if tensor.dim() == 1 else tensor
+        if tensor.dim() != 2 or tensor.shape[-1] != width:
+            raise InputError(f"invalid input: embeddings file {shown(name, 80)}: {key} is "
+                             f"{list(tensor.shape)}, this model's encoder takes {width}-wide "
+                             f"vectors")
+        vectors[key] = tensor
+    if vectors["clip_g"].shape[0] != vectors["clip_l"].shape[0]:
+        raise InputError(f"invalid input: embeddings file {shown(name, 80)}: clip_l has "
+                         f"{vectors['clip_l'].shape[0]} vectors, clip_g "
+                         f"{vectors['clip_g'].shape[0]}: one set per encoder must match")
+    return vectors
+
+
+def check_tokens(use: EmbeddingUse, count: int) -> None:
+    """One token per vector, or one token for them all (diffusers adds T, T_1, ...)."""
+    if len(use.tokens) not in (1, count):
+        raise InputError(f"invalid input: embeddings[].tokens: {shown(use.path, 80)} holds "
+                         f"{count} vector(s) per encoder; give {count} token(s), one per "
+                         f"vector, or one token for all (got {len(use.tokens)})")
+
+
+class EmbeddingBank:
+    """Embeddings added to the shared tokenizers and encoders for one batch, removed after.
+
+    diffusers' ``load_textual_inversion`` adds the tokens and grows the embedding matrices;
+    ``unload_textual_inversion`` restores vocabulary and matrices (notes, section 6): no token
+    survives the batch, so one job's token never fires in another's prompt. The files' vectors
+    are kept (by sha256, least recently used evicted) so a repeat does not read the file again.
+    """
+
+    def __init__(self, slots: int = MEMORY_SLOTS) -> None:
+        self._vectors: Lru[str, dict[str, torch.Tensor]] = Lru(limit=slots, size=lambda _: 1)
+        self.loads = 0
+
+    @contextlib.contextmanager
+    def added(self, pipe: StableDiffusionXLPipeline,
+              uses: Sequence[EmbeddingUse]) -> Iterator[None]:
+        encoders = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
+        widths = tuple(encoder.get_input_embeddings().embedding_dim for encoder, _ in encoders)
+        added: list[list[str]] = [[], []]
+        try:
+            for use in uses:
+                vectors = self._vectors.get(use.sha256)
+                if vectors is None:
+                    vectors = read_embedding(use, widths)
+                    self.loads += 1
+                    self._vectors.put(use.sha256, vectors)
+                check_tokens(use, vectors["clip_l"].shape[0])
+                tokens = list(use.tokens) if len(use.tokens) > 1 else use.tokens[0]
+                for index, ((encoder, tokenizer), key) in enumerate(zip(
+                        encoders, SDXL_EMBEDDING_KEYS, strict=True)):
+                    if any(t in tokenizer.get_vocab() for t in use.tokens):
+                        raise InputError(f"invalid input: embeddings: a token of "
+                                         f"{shown(use.path, 80)} is already a word of the "
+                                         f"vocabulary ({', '.join(map(shown, use.tokens))}); "
+                                         f"choose tokens such as <name>")
+                    before = set(tokenizer.get_vocab())
+                    pipe.load_textual_inversion(vectors[key].to(encoder.dtype), token=tokens,
+                                                text_encoder=encoder, tokenizer=tokenizer)
+                    added[index] += sorted(set(tokenizer.get_vocab()) - before)
+            yield
+        finally:
+            for (encoder, tokenizer), tokens in zip(encoders, added, strict=True):
+                if tokens:
+                    pipe.unload_textual_inversion(tokens, tokenizer=tokenizer,
+                                                  text_encoder=encoder)

@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from compel import Compel, ReturnedEmbeddingsType
+from compel import Compel, DiffusersTextualInversionManager, ReturnedEmbeddingsType
 from compel.prompt_parser import FlattenedPrompt, Fragment
 from diffusers import StableDiffusionXLPipeline
 
@@ -43,7 +43,9 @@ class PromptEncoder:
         common = dict(returned_embeddings_type=
                       ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
                       truncate_long_prompts=False, device=str(pipe.text_encoder.device),
-                      dtype_for_device_getter=lambda device: dtype)
+                      dtype_for_device_getter=lambda device: dtype,
+                      # expands a multi-vector embedding's token to T T_1 ..., as diffusers does
+                      textual_inversion_manager=DiffusersTextualInversionManager(pipe))
         self._first = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, **common)
         self._second = Compel(tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2,
                               requires_pooled=True, **common)

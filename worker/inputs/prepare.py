@@ -67,13 +67,15 @@ def prepare(request: GenerateRequest, steps: tuple[int, ...], safety_mode: str,
 
 def attach_loras(plan: Plan, request: GenerateRequest,
                  loras: LoraStore | None) -> tuple[Plan, list[str]]:
-    """The job's LoRAs, found or downloaded (``worker/adapters/store``)."""
-    if not request.loras:
+    """The job's LoRAs and embeddings, found or downloaded (``worker/adapters/store``)."""
+    if not (request.loras or request.embeddings):
         return plan, []
     if loras is None:
-        raise InputError("invalid input: loras: this worker serves no LoRAs")
+        raise InputError("invalid input: loras, embeddings: this worker serves no adapters")
     uses, warnings = loras.resolve(request.loras)
-    return replace(plan, loras=uses), warnings
+    embeddings, embedding_warnings = loras.resolve_embeddings(
+        request.embeddings, (plan.prompt, plan.negative_prompt))
+    return replace(plan, loras=uses, embeddings=embeddings), warnings + embedding_warnings
 
 
 def needs_weighting(plan: Plan, request: GenerateRequest,
