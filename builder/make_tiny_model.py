@@ -268,18 +268,60 @@ def write_diffusers_lora(path: Path, model_dir: Path, seed: int = 0, rank: int =
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
+def sgm_name(path: str, layers_per_block: int) -> str:
+    """A diffusers UNet module path in the original (SGM) SDXL repository's block names, which
+    kohya's sd-scripts write for SDXL: ``down_blocks.1.attentions.0`` -> ``input_blocks.4.1``
+    (a down block holds ``layers_per_block`` layers plus its downsampler)."""
+    parts = path.split(".")
+    if parts[0] == "mid_block":
+        inner = {"resnets.0": "0", "attentions.0": "1", "resnets.1": "2"}[".".join(parts[1:3])]
+        return ".".join(["middle_block", inner, *parts[3:]])
+    block, kind, layer = int(parts[1]), parts[2], int(parts[3])
+    inner = "0" if kind == "resnets" else "1"
+    if parts[0] == "down_blocks":
+        return ".".join(["input_blocks", str(1 + block * (layers_per_block + 1) + layer), inner,
+                         *parts[4:]])
+    return ".".join(["output_blocks", str(block * (layers_per_block + 1) + layer), inner,
+                     *parts[4:]])
+
+
 def write_kohya_lora(path: Path, model_dir: Path, seed: int = 0, rank: int = 2,
                      text_encoders: bool = False, alpha: float | None = None,
-                     only: str | tuple[str, ...] = "") -> Path:
+                     only: str | tuple[str, ...] = "", sgm: bool = False) -> Path:
     """The same factors in kohya/A1111 layout (``lora_unet_<path with _>.lora_down.weight``,
-    ``.alpha``), as most Civitai files are; ``alpha`` None writes alpha = rank (scale 1)."""
+    ``.alpha``), as most Civitai files are; ``alpha`` None writes alpha = rank (scale 1);
+    ``sgm``: UNet blocks under SGM names (``input_blocks_4_1_...``), as sd-scripts writes SDXL."""
     state = {}
+    layers = UNet2DConditionModel.load_config(model_dir / "unet")["layers_per_block"]
     for (component, module), (down, up) in lora_factors(model_dir, seed, rank, text_encoders,
                                                         only).items():
+        if sgm and component == "unet":
+            module = sgm_name(module, layers)
         key = KOHYA_PREFIX[component] + module.replace(".", "_")
         state[f"{key}.lora_down.weight"] = down
         state[f"{key}.lora_up.weight"] = up
         state[f"{key}.alpha"] = torch.tensor(float(rank if alpha is None else alpha))
+    return _save_adapter(state, path)
+
+
+def write_locon_lora(path: Path, model_dir: Path, seed: int = 0, rank: int = 2) -> Path:
+    """A kohya LoCon file: LoRA factors on the resnets' 3x3 convolutions (down: rank x in x 3
+    x 3, up: out x rank x 1 x 1), as sd-scripts' ``conv_dim`` writes them."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(
+            model_dir / "unet"))
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and ".resnets." in name and \
+                name.endswith(("conv1", "conv2")):
+            fan_in = module.in_channels * 9
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(
+                rank, module.in_channels, 3, 3, generator=generator) / fan_in ** 0.5
+            state[f"{key}.lora_up.weight"] = 2 * torch.randn(module.out_channels, rank, 1, 1,
+                                                             generator=generator)
+            state[f"{key}.alpha"] = torch.tensor(float(rank))
     return _save_adapter(state, path)
 
 

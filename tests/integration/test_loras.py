@@ -39,6 +39,9 @@ def lora_files(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
                                           seed=1),
         "a_half": build.write_kohya_lora(folder / "a_half.safetensors", tiny_model_dir, seed=1,
                                          alpha=1.0),  # alpha = rank / 2: the delta halved
+        "a_sgm": build.write_kohya_lora(folder / "a_sgm.safetensors", tiny_model_dir, seed=1,
+                                        sgm=True),  # SDXL block names, as sd-scripts writes
+        "conv": build.write_locon_lora(folder / "conv.safetensors", tiny_model_dir, seed=5),
         "b": build.write_diffusers_lora(folder / "b.safetensors", tiny_model_dir, seed=2),
         "text": build.write_kohya_lora(folder / "text.safetensors", tiny_model_dir, seed=3,
                                        text_encoders=True),
@@ -94,6 +97,8 @@ class TestLoraActs:
         diffusers = pixels(engine, plan(use(lora_files["a"])))
         kohya = pixels(engine, plan(use(lora_files["a_kohya"])))
         assert np.abs(diffusers - kohya).max() <= 1
+        sgm = pixels(engine, plan(use(lora_files["a_sgm"])))
+        assert np.abs(diffusers - sgm).max() <= 1
         # alpha = rank/2 is the same LoRA at scale 0.5
         half = pixels(engine, plan(use(lora_files["a_half"])))
         assert np.abs(half - pixels(engine, plan(use(lora_files["a"], 0.5)))).max() <= 1
@@ -105,6 +110,12 @@ class TestLoraActs:
         assert np.abs(both - pixels(engine, plan(a))).mean() > 1
         assert np.abs(both - pixels(engine, plan(b))).mean() > 1
         assert np.abs(both - pixels(engine, plan(b, a))).max() <= 1  # order does not matter
+
+    def test_a_conv_lora_acts_and_agrees_fused(self, engine: Engine, fused: Engine,
+                                               lora_files: dict[str, Path]) -> None:
+        job = plan(use(lora_files["conv"]))
+        assert np.abs(pixels(engine, job) - pixels(engine, plan())).mean() > 1
+        assert np.abs(pixels(engine, job) - pixels(fused, job)).max() <= 1
 
     def test_a_text_encoder_lora_acts_through_the_prompt(
             self, engine: Engine, lora_files: dict[str, Path]) -> None:

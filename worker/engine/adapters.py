@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -95,7 +96,7 @@ def read_state(path: Path, name: str) -> dict[str, torch.Tensor]:
                           f".safetensors LoRAs are accepted") from None
 
 
-def normalise(state: dict[str, torch.Tensor], unet_config: dict, name: str,
+def normalise(state: dict[str, torch.Tensor], unet_config: Any, name: str,
               ) -> dict[tuple[str, str], dict[str, torch.Tensor | float]]:
     """(component, module path) -> {"down", "up", "alpha"?}, whatever layout the file has."""
     if not state:
@@ -247,8 +248,8 @@ class LoraBank:
         key = (steps, bool(getattr(pipe.unet, FUSED_FOR_GOOD, False)), use.sha256)
         loaded = self._loaded.get(key)
         if loaded is None:
-            found = normalise(read_state(Path(use.file), use.path), dict(pipe.unet.config),
-                              use.path)
+            # the config itself: diffusers reads SGM block names through its attributes
+            found = normalise(read_state(Path(use.file), use.path), pipe.unet.config, use.path)
             loaded = build_factors(pipe, found, use.path, self.device, self.dtype)
             self.loads += 1
             self._loaded.put(key, loaded)
