@@ -54,7 +54,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from schemas import MIN_SIDE
-from worker.engine import compiler, loading, safety
+from worker.engine import adapters, compiler, loading, safety, weighting
 from worker.engine.decode import decode_latents, preview_jpeg
 from worker.errors import JobError, ModelFolderError, StartupError
 from worker.plan import BatchStep, Plan, warmup_plan
@@ -160,6 +160,10 @@ class Engine:
         # tokenizer's padding/truncation state is per object, so counting uses its own copy.
         self._counter = copy.deepcopy(next(iter(pipes.values())).tokenizer)
         self._counter_lock = threading.Lock()
+        # Per-job LoRAs, merged into the weights around each batch (worker/engine/adapters.py).
+        self.loras = adapters.LoraBank(device, dtype)
+        self._prompts: weighting.PromptEncoder | None = None  # compel, built on first use
+        self.embeddings = adapters.EmbeddingBank()  # textual inversion, added per batch
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -331,7 +335,12 @@ class Engine:
 
             kwargs["callback_on_step_end"] = callback
         try:
-            with torch.inference_mode():
+            # The batch's LoRAs (one set: shape_key) live in the weights only inside this block.
+            with self.loras.merged(first.steps, self.pipes[first.steps], first.loras), \
+                    self.embeddings.added(self.pipes[first.steps], first.embeddings), \
+                    torch.inference_mode():
+                if first.weighted:  # after the merge: text-encoder LoRAs act on the encoding
+                    kwargs.update(self._weighted_prompts(first, len(rows)))
                 images = decode_latents(self.taesd or pipe.vae, pipe(**kwargs).images)
         finally:
             if estimate is not None:
@@ -340,6 +349,21 @@ class Engine:
         for p in plans:
             out.append(images[start:start + len(p.seeds)])
             start += len(p.seeds)
+        return out
+
+    def _weighted_prompts(self, plan: Plan, rows: int) -> dict[str, object]:
+        """Compel's conditioning for a batch of one weighted prompt (``Plan.shape_key``), in
+        place of the prompt strings (``worker/engine/weighting.py``)."""
+        if self._prompts is None:
+            self._prompts = weighting.PromptEncoder(next(iter(self.pipes.values())), self.dtype)
+        encoded = self._prompts.encode(plan.prompt, plan.negative_prompt,
+                                       guided=plan.guidance_scale > 1)
+        out: dict[str, object] = {"prompt": None, "negative_prompt": None,
+                                  "prompt_embeds": encoded.embeds.repeat(rows, 1, 1),
+                                  "pooled_prompt_embeds": encoded.pooled.repeat(rows, 1)}
+        if encoded.negative_embeds is not None:
+            out["negative_prompt_embeds"] = encoded.negative_embeds.repeat(rows, 1, 1)
+            out["negative_pooled_prompt_embeds"] = encoded.negative_pooled.repeat(rows, 1)
         return out
 
     def warm_up(self, sizes: Sequence[tuple[int, int]] = WARMUP_SIZES) -> None:

@@ -67,6 +67,19 @@ DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # inpainting repaints the m
 ALIASES = {"num_steps": "num_inference_steps", "steps": "num_inference_steps",
            "guidance": "guidance_scale", "num_outputs": "num_images", "image_b64": "image"}
 
+# Per-job LoRAs (fal's field names, so its clients carry over). The list may be longer than the
+# worker's MAX_LORAS (cut, with a warning, by worker/adapters/store.py) but not unbounded; scales
+# outside LORA_SCALES are clamped there too: past +-2..4 a LoRA only burns the image.
+MAX_LORA_ENTRIES = 16
+LORA_SCALES = (-2.0, 4.0)
+MAX_LORA_PATH_CHARS = 2048
+
+
+# Textual-inversion embeddings (fal's field names): SDXL files hold one vector set per encoder.
+MAX_EMBEDDINGS = 4
+DEFAULT_EMBEDDING_TOKENS = ("<s0>", "<s1>")  # what fal's and Replicate's SDXL trainers write
+MAX_TOKEN_CHARS = 64
+
 # What each field accepts, in words: every error message quotes it.
 RULES: dict[str, str] = {
     "prompt": f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
@@ -90,7 +103,39 @@ RULES: dict[str, str] = {
     "mask_mode": "which mask pixels repaint: white (default), black, or transparent (alpha 0; "
                  "the mask needs an alpha channel)",
     "preview": "true or false: a small JPEG of each step's estimate in the progress updates",
+    "loras": f"a list of at most {MAX_LORA_ENTRIES} objects {{\"path\": a .safetensors file "
+             f"name in LORA_DIR or an https URL, \"scale\": a number, default 1, "
+             f"{LORA_SCALES[0]:g} to {LORA_SCALES[1]:g}}}; the worker uses at most MAX_LORAS",
+    "embeddings": f"a list of at most {MAX_EMBEDDINGS} objects {{\"path\": an SDXL "
+                  f"textual-inversion .safetensors (clip_l and clip_g) in LORA_DIR or an https "
+                  f"URL, \"tokens\": the words that stand for its vectors, default "
+                  f"[\"<s0>\", \"<s1>\"]}}",
+    "prompt_weighting": "true (default) or false: A1111 syntax (word:1.3), (word), [word], \\( "
+                        "for a literal bracket, and prompts past 77 CLIP tokens in 77-token "
+                        "chunks; false: the text as written, cut at 77 tokens",
 }
+
+
+class LoraInput(BaseModel):
+    """One entry of ``loras``: a file name inside LORA_DIR or an https URL, and its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_LORA_PATH_CHARS)]
+    scale: Float = 1.0
+
+
+Token = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_TOKEN_CHARS,
+                             pattern=r"^\S+$")]
+
+
+class EmbeddingInput(BaseModel):
+    """One entry of ``embeddings``: the file and the prompt words that stand for its vectors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_LORA_PATH_CHARS)]
+    tokens: tuple[Token, ...] = Field(DEFAULT_EMBEDDING_TOKENS, min_length=1, max_length=16)
 
 
 def _lower(value: Any) -> Any:
@@ -129,6 +174,9 @@ class GenerateRequest(BaseModel):
     disable_safety_checker: bool = False
     mask_mode: Annotated[Literal[MASK_MODES], BeforeValidator(_lower)] = "white"
     preview: bool = False
+    loras: tuple[LoraInput, ...] = Field((), max_length=MAX_LORA_ENTRIES)
+    embeddings: tuple[EmbeddingInput, ...] = Field((), max_length=MAX_EMBEDDINGS)
+    prompt_weighting: bool = True
 
     @field_validator("prompt")
     @classmethod
@@ -136,6 +184,14 @@ class GenerateRequest(BaseModel):
         if not value.strip():
             raise ValueError("the prompt is empty or blank")
         return value
+
+    @model_validator(mode="after")
+    def _tokens_are_distinct(self) -> GenerateRequest:
+        tokens = [token for entry in self.embeddings for token in entry.tokens]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("embeddings: each token may stand for one embedding only; "
+                             "give each embedding its own tokens")
+        return self
 
     @model_validator(mode="after")
     def _mask_needs_image(self) -> GenerateRequest:
@@ -149,6 +205,11 @@ class GenerateRequest(BaseModel):
         if self.image is None:
             return "txt2img"
         return "img2img" if self.mask is None else "inpaint"
+
+
+# Fields whose entries are objects: their keys, for errors inside an entry.
+NESTED = {"loras": tuple(LoraInput.model_fields),
+          "embeddings": tuple(EmbeddingInput.model_fields)}
 
 
 def merge_aliases(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,6 +230,15 @@ def _describe(error: Mapping[str, Any]) -> str:
     if not error["loc"]:  # a rule across fields (model validator)
         return str(error["msg"]).removeprefix("Value error, ")
     field = str(error["loc"][0])
+    if len(error["loc"]) > 1 and field in NESTED:  # inside a list entry: name the entry's key
+        where = field + "".join(f"[{part}]" if isinstance(part, int) else f".{part}"
+                                for part in error["loc"][1:])
+        if error["type"] == "extra_forbidden":
+            return f"unknown field {shown(where, SHOWN_CHARS)}: an entry of {field} takes " \
+                   f"{', '.join(NESTED[field])}"
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        return f"{where}={shown(error['input'], SHOWN_CHARS)} is invalid ({reason}); " \
+               f"allowed: {RULES[field]}"
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field[:100], RULES, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -224,7 +294,7 @@ def format_validation_error(exc: ValidationError) -> str:
     unknown: list[str] = []
     for error in exc.errors(include_url=False):
         field = str(error["loc"][0]) if error["loc"] else ""
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
             unknown.append(field)
         elif not field or field not in fields:
             fields.add(field)

@@ -213,6 +213,166 @@ def build(out: Path, spec: ModelSpec,
     return out
 
 
+# ---- tiny adapters for the tiny model (tests, benchmark) ------------------------------------
+# Linear layers a LoRA adapts, as trainers (kohya's sd-scripts, diffusers' train_dreambooth_lora)
+# target them: every attention projection and the feed-forward, in the UNet and both encoders.
+LORA_UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+LORA_TEXT_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _lora_layers(model_dir: Path, text_encoders: bool) -> list[tuple[str, str, int, int]]:
+    """(component, module path, in, out) of every layer a LoRA for this model adapts."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(
+            model_dir / "unet"))
+    layers = [("unet", name, module.in_features, module.out_features)
+              for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear)
+              and name.endswith(LORA_UNET_LAYERS) and ".transformer_blocks." in name]
+    if text_encoders:
+        for component in ("text_encoder", "text_encoder_2"):
+            config = CLIPTextConfig.from_pretrained(model_dir / component)
+            for layer in range(config.num_hidden_layers):
+                layers += [(component, f"text_model.encoder.layers.{layer}.self_attn.{name}",
+                            config.hidden_size, config.hidden_size) for name in LORA_TEXT_LAYERS]
+    return layers
+
+
+def lora_factors(model_dir: Path, seed: int, rank: int = 2, text_encoders: bool = False,
+                 only: str | tuple[str, ...] = "",
+                 ) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Random (down, up) factors per layer, seeded; ``only`` keeps layers whose path ends so."""
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    for component, path, width_in, width_out in _lora_layers(model_dir, text_encoders):
+        if only and not path.endswith(only):
+            continue
+        down = torch.randn(rank, width_in, generator=generator) / width_in ** 0.5
+        # x4: the tiny model's images are mostly its VAE's noise; a LoRA must show through it
+        up = 4 * torch.randn(width_out, rank, generator=generator)
+        factors[(component, path)] = (down, up)
+    return factors
+
+
+def write_diffusers_lora(path: Path, model_dir: Path, seed: int = 0, rank: int = 2,
+                         text_encoders: bool = False, only: str | tuple[str, ...] = "") -> Path:
+    """A LoRA in diffusers/PEFT layout (``unet.<path>.lora_A.weight``), what diffusers'
+    ``save_lora_weights`` writes; no alpha (= rank: scale 1)."""
+    state = {}
+    for (component, module), (down, up) in lora_factors(model_dir, seed, rank, text_encoders,
+                                                        only).items():
+        state[f"{component}.{module}.lora_A.weight"] = down
+        state[f"{component}.{module}.lora_B.weight"] = up
+    return _save_adapter(state, path)
+
+
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def sgm_name(path: str, layers_per_block: int) -> str:
+    """A diffusers UNet module path in the original (SGM) SDXL repository's block names, which
+    kohya's sd-scripts write for SDXL: ``down_blocks.1.attentions.0`` -> ``input_blocks.4.1``
+    (a down block holds ``layers_per_block`` layers plus its downsampler)."""
+    parts = path.split(".")
+    if parts[0] == "mid_block":
+        inner = {"resnets.0": "0", "attentions.0": "1", "resnets.1": "2"}[".".join(parts[1:3])]
+        return ".".join(["middle_block", inner, *parts[3:]])
+    block, kind, layer = int(parts[1]), parts[2], int(parts[3])
+    inner = "0" if kind == "resnets" else "1"
+    if parts[0] == "down_blocks":
+        return ".".join(["input_blocks", str(1 + block * (layers_per_block + 1) + layer), inner,
+                         *parts[4:]])
+    return ".".join(["output_blocks", str(block * (layers_per_block + 1) + layer), inner,
+                     *parts[4:]])
+
+
+def write_kohya_lora(path: Path, model_dir: Path, seed: int = 0, rank: int = 2,
+                     text_encoders: bool = False, alpha: float | None = None,
+                     only: str | tuple[str, ...] = "", sgm: bool = False) -> Path:
+    """The same factors in kohya/A1111 layout (``lora_unet_<path with _>.lora_down.weight``,
+    ``.alpha``), as most Civitai files are; ``alpha`` None writes alpha = rank (scale 1);
+    ``sgm``: UNet blocks under SGM names (``input_blocks_4_1_...``), as sd-scripts writes SDXL."""
+    state = {}
+    layers = UNet2DConditionModel.load_config(model_dir / "unet")["layers_per_block"]
+    for (component, module), (down, up) in lora_factors(model_dir, seed, rank, text_encoders,
+                                                        only).items():
+        if sgm and component == "unet":
+            module = sgm_name(module, layers)
+        key = KOHYA_PREFIX[component] + module.replace(".", "_")
+        state[f"{key}.lora_down.weight"] = down
+        state[f"{key}.lora_up.weight"] = up
+        state[f"{key}.alpha"] = torch.tensor(float(rank if alpha is None else alpha))
+    return _save_adapter(state, path)
+
+
+def write_locon_lora(path: Path, model_dir: Path, seed: int = 0, rank: int = 2) -> Path:
+    """A kohya LoCon file: LoRA factors on the resnets' 3x3 convolutions (down: rank x in x 3
+    x 3, up: out x rank x 1 x 1), as sd-scripts' ``conv_dim`` writes them."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(
+            model_dir / "unet"))
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and ".resnets." in name and \
+                name.endswith(("conv1", "conv2")):
+            fan_in = module.in_channels * 9
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(
+                rank, module.in_channels, 3, 3, generator=generator) / fan_in ** 0.5
+            state[f"{key}.lora_up.weight"] = 2 * torch.randn(module.out_channels, rank, 1, 1,
+                                                             generator=generator)
+            state[f"{key}.alpha"] = torch.tensor(float(rank))
+    return _save_adapter(state, path)
+
+
+def write_foreign_lora(path: Path, kind: str) -> Path:
+    """Files that are not an SDXL LoRA, for the error tests: ``sd15`` (cross-attention fed
+    768-wide text features), ``flux`` (transformer keys), ``loha`` (LyCORIS), ``nolora``."""
+    generator = torch.Generator().manual_seed(7)
+    if kind == "sd15":
+        key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+        state = {f"{key}.lora_down.weight": torch.randn(2, 768, generator=generator),
+                 f"{key}.lora_up.weight": torch.randn(4, 2, generator=generator),
+                 f"{key}.alpha": torch.tensor(2.0)}
+    elif kind == "flux":
+        state = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight":
+                 torch.randn(2, 8, generator=generator),
+                 "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight":
+                 torch.randn(8, 2, generator=generator)}
+    elif kind == "loha":
+        key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+        state = {f"{key}.hada_w1_a": torch.randn(4, 2, generator=generator),
+                 f"{key}.hada_w1_b": torch.randn(2, 4, generator=generator)}
+    elif kind == "nolora":
+        state = {"conv.weight": torch.randn(4, 4, generator=generator)}
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return _save_adapter(state, path)
+
+
+def write_sdxl_embedding(path: Path, vectors: int = 2, seed: int = 0,
+                         widths: tuple[int, int] = (TEXT_HIDDEN, TEXT_HIDDEN)) -> Path:
+    """An SDXL textual-inversion file (``clip_l``, ``clip_g``: ``vectors`` rows each), as the
+    SDXL trainers write it; ``widths`` (768,) style SD 1.x files come from ``write_sd15_...``."""
+    generator = torch.Generator().manual_seed(seed)
+    # x3: a token's vector must stand out of the tiny encoders' random ones to show in images
+    return _save_adapter({"clip_l": 3 * torch.randn(vectors, widths[0], generator=generator),
+                          "clip_g": 3 * torch.randn(vectors, widths[1], generator=generator)},
+                         path)
+
+
+def write_sd15_embedding(path: Path) -> Path:
+    """An SD 1.x embedding (A1111's ``emb_params``, 768-wide): not for SDXL."""
+    return _save_adapter({"emb_params": torch.randn(2, 768, generator=torch.Generator()
+                                                    .manual_seed(5))}, path)
+
+
+def _save_adapter(state: dict[str, torch.Tensor], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)

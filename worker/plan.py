@@ -48,6 +48,33 @@ X0_UNSUPPORTED = frozenset({"K_EULER_ANCESTRAL", "PNDM"})
 
 
 @dataclass(frozen=True)
+class LoraUse:
+    """One LoRA of a job, resolved: the path as the caller gave it, the local file, its sha256
+    (what identifies it: caches, batching, the response) and the effective scale."""
+
+    path: str
+    file: str
+    sha256: str
+    scale: float
+
+    def echo(self) -> dict[str, object]:
+        return {"path": self.path, "scale": self.scale, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class EmbeddingUse:
+    """One textual-inversion embedding of a job, resolved like a ``LoraUse``."""
+
+    path: str
+    file: str
+    sha256: str
+    tokens: tuple[str, ...]
+
+    def echo(self) -> dict[str, object]:
+        return {"path": self.path, "tokens": list(self.tokens), "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything one generation needs, after every adjustment."""
 
@@ -67,6 +94,11 @@ class Plan:
     preview: bool = False  # per-step previews of the estimate, for progress updates
     init_image: Any = None  # PIL images at (width, height), attached by inputs/prepare.py
     mask_image: Any = None
+    loras: tuple[LoraUse, ...] = ()  # attached by inputs/prepare.py (worker/adapters/store.py)
+    # Prompts encoded by compel (weighting syntax, or past 77 tokens: chunked), set by
+    # inputs/prepare.py; False: diffusers' own encoding, today's exact bytes.
+    weighted: bool = False
+    embeddings: tuple[EmbeddingUse, ...] = ()  # attached like loras
 
     @property
     def checkpoint(self) -> str:
@@ -79,11 +111,25 @@ class Plan:
     def shape_key(self) -> tuple[object, ...]:
         """Plans with equal keys can run as one batch on the GPU."""
         return (self.mode, self.width, self.height, self.steps, self.guidance_scale,
-                self.negative_prompt is None, self.scheduler, self.strength)
+                self.negative_prompt is None, self.scheduler, self.strength,
+                self.adapter_key)
+
+    @property
+    def adapter_key(self) -> tuple[object, ...]:
+        """Only jobs with identical adapters share a batch: they run on the same weights."""
+        # Weighted prompts batch only with the very same prompts: their conditioning may be
+        # several 77-token chunks long, and padding a row changes its image.
+        texts = (self.prompt, self.negative_prompt) if self.weighted else ()
+        return (tuple((lora.sha256, lora.scale) for lora in self.loras) + texts
+                + tuple((e.sha256, e.tokens) for e in self.embeddings))
 
     def parameters(self) -> dict[str, object]:
         """The ``parameters`` block of the response: the values actually used."""
         lossy = self.output_format != "png"
+        # Adapters only where a job used some: a plain job's response is what it always was.
+        adapters = {"loras": [lora.echo() for lora in self.loras]} if self.loras else {}
+        if self.embeddings:
+            adapters["embeddings"] = [embedding.echo() for embedding in self.embeddings]
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt,
                 "width": self.width, "height": self.height,
                 "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
@@ -91,7 +137,7 @@ class Plan:
                 "strength": self.strength, "scheduler": self.scheduler,
                 "output_format": self.output_format, "quality": self.quality if lossy else None,
                 "safety_checker": self.safety_check,
-                "model": MODEL_NAME, "checkpoint": self.checkpoint}
+                "model": MODEL_NAME, "checkpoint": self.checkpoint} | adapters
 
 
 def snap_side(name: str, value: int) -> tuple[int, str | None]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from schemas import parse_request
+from worker.adapters.store import LoraStore
 from worker.errors import InputError, JobError, bug_report
 from worker.gpu_queue import GpuWorker
 from worker.inputs.prepare import prepare_async
@@ -58,6 +59,7 @@ class Service:
     engine: EngineInfo
     delivery: delivery.Delivery
     gpu: GpuWorker
+    loras: LoraStore | None = None  # per-job LoRAs (worker/adapters/store)
 
     async def run(self, job_input: Any, s3_config: Any, job_id: str,
                   on_step: Callable[[Plan], StepCallback | None] | None = None, *,
@@ -71,7 +73,8 @@ class Service:
             bucket = None if inline else await asyncio.to_thread(self.delivery.bucket_for,
                                                                   s3_config)
             plan, warnings = await prepare_async(  # decodes in the pool, cancellable
-                request, self.engine.steps, self.settings.safety_mode, self.engine.count_tokens)
+                request, self.engine.steps, self.settings.safety_mode, self.engine.count_tokens,
+                loras=self.loras)
             self.delivery.check_estimate(plan, bucket)
         except InputError as exc:
             return rejected(job_id, exc)
@@ -87,6 +90,8 @@ class Service:
                             "and to streamed HTTP requests, and need TAESDXL on the worker")
         try:
             result = await asyncio.wrap_future(self.gpu.submit(plan, callback))
+        except InputError as exc:  # a LoRA file the engine found unusable: the caller's
+            return rejected(job_id, exc)
         except JobError as exc:
             return failed(job_id, exc)
         except Exception as exc:  # noqa: BLE001 - one job's failure must not end the worker

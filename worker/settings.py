@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
+from schemas import MAX_LORA_ENTRIES, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from worker.errors import StartupError
 from worker.spec import CHECKPOINTS, ModelSpec
 
@@ -111,6 +111,20 @@ def _path(name: str, text: str) -> Path:
     return Path(text).expanduser()
 
 
+def lora_env() -> dict[str, str]:
+    """The per-job LoRA variables (worker/adapters) -> Settings fields."""
+    return {"LORA_DIR": "lora_dir", "LORA_CACHE_DIR": "lora_cache_dir",
+            "LORA_CACHE_GB": "lora_cache_gb", "LORA_MAX_MB": "lora_max_mb",
+            "MAX_LORAS": "max_loras", "ALLOW_LORA_URLS": "allow_lora_urls"}
+
+
+def lora_parsers() -> dict[str, Callable[[str, str], Any]]:
+    return {"lora_dir": _path, "lora_cache_dir": _path,
+            "lora_cache_gb": lambda name, text: float(_int_range(1, 10_000)(name, text)),
+            "lora_max_mb": _int_range(1, 16_384), "max_loras": _int_range(0, MAX_LORA_ENTRIES),
+            "allow_lora_urls": _parse_bool}
+
+
 class Settings(BaseModel):
     """Worker settings, read once at start from environment variables."""
 
@@ -143,6 +157,14 @@ class Settings(BaseModel):
     # (load-balancing endpoints have no queue of their own: waiting longer only times out).
     max_waiting: int = 8
     api_key: str | None = Field(None, repr=False)  # a secret: never in a repr or a log line
+    # Per-job LoRAs (worker/adapters). None: /runpod-volume/loras when the network volume is
+    # mounted, else <model folder>/loras (worker/adapters/store.default_lora_dir).
+    lora_dir: Path | None = None
+    lora_cache_dir: Path | None = None  # None: <temp dir>/lora-cache
+    lora_cache_gb: float = 10.0  # the disk cache of downloaded LoRAs; LRU beyond it
+    lora_max_mb: int = 1024  # one download; SDXL LoRAs are 10-900 MB (rank 4-256)
+    max_loras: int = 4  # per job: each adds a merge per batch
+    allow_lora_urls: bool = True  # false: only files on the volume (LORA_DIR)
 
     # Environment variable -> field. The README and hub.json list exactly these.
     ENV: ClassVar[Mapping[str, str]] = {
@@ -155,6 +177,7 @@ class Settings(BaseModel):
         "COMPILE_CACHE_DIR": "compile_cache_dir", "DEVICE": "device",
         "WORKER_MODE": "worker_mode", "HOST": "host", "PORT": "port",
         "PORT_HEALTH": "port_health_setting", "MAX_WAITING": "max_waiting", "API_KEY": "api_key",
+        **lora_env(),
         **{name: "bucket_env" for name in BUCKET_ENV}}
     _PARSE: ClassVar[Mapping[str, Callable[[str, str], Any]]] = {
         "model_dir": _path, "lightning_steps": _parse_steps, "warmup": _parse_bool,
@@ -167,6 +190,7 @@ class Settings(BaseModel):
         "worker_mode": _choice("queue", "http"), "host": lambda name, text: text.strip(),
         "port": _int_range(1, 65535), "port_health_setting": _int_range(1, 65535),
         "max_waiting": _int_range(0, 1024), "api_key": lambda name, text: text.strip(),
+        **lora_parsers(),
     }
 
     @property

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pipeline
 from builder import download_weights
+from worker.adapters.store import LoraStore, default_lora_dir
 from worker.engine.loading import choose_device
-from worker.errors import ModelFolderError, StartupError
+from worker.errors import MIB, ModelFolderError, StartupError
 from worker.gpu_queue import GpuWorker
 from worker.location import locate
 from worker.outputs import delivery, upload
@@ -98,4 +99,14 @@ def assemble(settings: Settings) -> Service:
     engine = start(settings)
     gpu = GpuWorker(engine.generate, max_batch_images=settings.max_batch_images)
     outbox = delivery.Delivery(bucket, settings.max_response_mb, settings.upload_deadline_s)
-    return Service(settings, engine, outbox, gpu)
+    return Service(settings, engine, outbox, gpu, lora_store(settings))
+
+
+def lora_store(settings: Settings) -> LoraStore:
+    """The per-job LoRA sources these settings allow (worker/adapters/store)."""
+    lora_dir = settings.lora_dir or default_lora_dir(
+        locate(settings.model_dir, settings.model_spec)[0])
+    cache = {"cache_dir": settings.lora_cache_dir} if settings.lora_cache_dir else {}
+    return LoraStore(lora_dir=lora_dir, cache_bytes=settings.lora_cache_gb * 1e9,
+                     max_bytes=settings.lora_max_mb * MIB, max_loras=settings.max_loras,
+                     allow_urls=settings.allow_lora_urls, **cache)

@@ -94,9 +94,14 @@ class TestResponse:
         assert response["parameters"]["negative_prompt"] is None
 
     def test_long_prompt_is_reported_as_truncated(self, run: Run) -> None:
-        response = run(prompt="a cat sitting on a mat " * 30, width=512, height=512, seed=1)
+        response = run(prompt="a cat sitting on a mat " * 30, width=512, height=512, seed=1,
+                       prompt_weighting=False)
         assert any(re.fullmatch(r"prompt is \d+ CLIP tokens; only the first 77 were used", w)
                    for w in response["warnings"])
+
+    def test_long_prompt_is_chunked_with_prompt_weighting(self, run: Run) -> None:
+        response = run(prompt="a cat sitting on a mat " * 30, width=512, height=512, seed=1)
+        assert "images" in response and "warnings" not in response
 
 
 class TestSeeds:

@@ -83,8 +83,12 @@ class TestInitImages:
 
 class TestTruncation:
     def test_a_long_prompt_is_reported_with_its_token_count(self) -> None:
-        _, warnings = prepared(prompt="word " * 80)
+        _, warnings = prepared(prompt="word " * 80, prompt_weighting=False)
         assert warnings == ["prompt is 82 CLIP tokens; only the first 77 were used"]
+
+    def test_with_prompt_weighting_a_long_prompt_is_chunked_not_cut(self) -> None:
+        plan, warnings = prepared(prompt="word " * 80)
+        assert warnings == [] and plan.weighted
 
     def test_an_unused_negative_prompt_is_not_counted(self) -> None:
         _, warnings = prepared(negative_prompt="word " * 80)
@@ -92,7 +96,8 @@ class TestTruncation:
                             "guidance_scale > 1 (Lightning is distilled for 0)"]
 
     def test_a_used_negative_prompt_is_counted(self) -> None:
-        _, warnings = prepared(negative_prompt="word " * 80, guidance_scale=2)
+        _, warnings = prepared(negative_prompt="word " * 80, guidance_scale=2,
+                               prompt_weighting=False)
         assert warnings == ["negative_prompt is 82 CLIP tokens; only the first 77 were used"]
 
 
