@@ -26,7 +26,7 @@ from worker.errors import InputError, JobError, bug_report
 from worker.gpu_queue import GpuWorker
 from worker.inputs.prepare import prepare_async
 from worker.outputs import delivery
-from worker.plan import Plan, StepCallback
+from worker.plan import Plan, StepCallback, with_defaults
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,11 @@ class Service:
         """Serve one job; never raises. ``on_step(plan)`` may give a per-step callback."""
         received = time.perf_counter()
         try:
-            request = parse_request(job_input)
+            request = with_defaults(parse_request(job_input), self.settings.request_defaults())
             bucket = await asyncio.to_thread(self.delivery.bucket_for, s3_config)
             plan, warnings = await prepare_async(  # decodes in the pool, cancellable
                 request, self.engine.steps, self.settings.safety_mode, self.engine.count_tokens)
+            plan = plan.with_served(getattr(self.engine, "served", None))  # BASE_MODEL's names
             self.delivery.check_estimate(plan, bucket)
         except InputError as exc:
             return rejected(job_id, exc)
