@@ -153,7 +153,9 @@ class ModelSpec:
 
     def builder_args(self) -> list[str]:
         """The builders' command-line arguments for this spec (``builder/__init__.py``)."""
-        return (["--steps", *map(str, self.steps)]
+        # A merge (mode none) needs no per-step file: any one step count names the same files.
+        steps = self.steps if self.lightning_mode != "none" else (4,)
+        return (["--steps", *map(str, steps)]
                 + (["--safety-checker"] if self.safety_checker else [])
                 + (["--tiny-decoder"] if self.tiny_decoder else [])
                 + (["--base-model", self.base_model, "--lightning-mode", self.lightning_mode]

@@ -251,3 +251,35 @@ class TestNotSdxl:
         with pytest.raises(StartupError, match="Stable Diffusion 1.x"):
             startup.start(Settings.from_env({"MODEL_DIR": str(own_dir), "BASE_MODEL": str(path),
                                              "DEVICE": "cpu"}))
+
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+class TestBaked:
+    @pytest.mark.parametrize("layout", ["folder", "file"])
+    def test_the_downloader_bakes_a_model_the_engine_serves(
+            self, own_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            layout: str) -> None:
+        """A loopback hub holds the fine-tune as a diffusers repo (and its single file), the
+        base configs and the LoRAs: ``download_weights --bake`` fills a fresh folder, and the
+        engine serves from it what it serves from the original."""
+        from builder import download_weights
+        from tests.support.fake_hub import files_of, serving_hub
+
+        spec = ModelSpec(steps=(4,), base_model="baked-model", lightning_mode="lora")
+        files = files_of(own_dir, spec)
+        repo = own_dir / FINETUNE_DIR
+        names = [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
+        files |= {f"/tiny/ft/resolve/{REV}/{n}": (repo / n).read_bytes() for n in names}
+        files[f"/tiny/ft/resolve/{REV}/{FINETUNE_FILE}"] = (own_dir / FINETUNE_FILE).read_bytes()
+        files[f"/api/models/tiny/ft/revision/{REV}"] = json.dumps(
+            {"siblings": [{"rfilename": n} for n in names + [FINETUNE_FILE]]}).encode()
+        source = f"tiny/ft@{REV}" + (f":{FINETUNE_FILE}" if layout == "file" else "")
+        with serving_hub(files) as hub:
+            monkeypatch.setenv("HF_ENDPOINT", hub.url)
+            assert download_weights.main([str(tmp_path), "--steps", "4", "--bake", source]) == 0
+        engine = Engine.load(spec, tmp_path, CPU)
+        assert np.array_equal(image(engine), image(load(own_dir, FINETUNE_DIR, "lora")))
+        name = "tiny/ft" if layout == "folder" else f"tiny/ft/{FINETUNE_FILE}"
+        assert engine.served[4] == (f"{name}@{REV}", LORAS[4])

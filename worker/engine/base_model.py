@@ -56,9 +56,16 @@ HASH_CHUNK = 16 << 20
 
 
 def model_path(spec: ModelSpec, folder: Path) -> Path:
-    """Where BASE_MODEL is: absolute as given, else inside the model folder."""
+    """Where BASE_MODEL is: absolute as given, else inside the model folder. A folder with no
+    ``model_index.json`` and exactly one ``.safetensors`` file is that single file (how the
+    builder bakes one, ``baked-model/NAME.safetensors``, and how downloads often land)."""
     path = Path(spec.base_model or "").expanduser()
-    return path if path.is_absolute() else folder / path
+    path = path if path.is_absolute() else folder / path
+    if path.is_dir() and not (path / "model_index.json").exists():
+        files = list(path.glob("*.safetensors"))
+        if len(files) == 1:
+            return files[0]
+    return path
 
 
 def _refuse(spec: ModelSpec, what: str, evidence: str) -> StartupError:
@@ -219,7 +226,7 @@ def load_model(spec: ModelSpec, folder: Path, layout: str, device: torch.device,
         pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder),
                                                           **common)
     else:
-        fp16 = any((path / "unet").glob("*.fp16.safetensors"))
+        fp16 = any(".fp16" in p.name for p in (path / "unet").glob("*.safetensors"))
         pipe = StableDiffusionXLPipeline.from_pretrained(
             path, variant="fp16" if fp16 else None, use_safetensors=True, **common)
     return pipe.to(device)
