@@ -230,7 +230,8 @@ class Engine:
                        before: tuple[int, int] | None) -> str:
         """Out of memory loading: what the weights take, what the GPU has, what to do."""
         sizes = loading.weights_bytes(folder, spec, dtype)
-        need, unet = sum(sizes.values()), max(sizes.get(CHECKPOINTS[s], 0) for s in spec.steps)
+        need = sum(sizes.values())  # BASE_MODEL's own weights are not among spec.files()
+        unet = max(sizes.get(CHECKPOINTS.get(s, ""), 0) for s in spec.steps)
         has = "" if before is None else (f", the GPU has {memory_text(before[1])} "
                                          f"({memory_text(before[0])} of it free before loading)")
         return (f"out of GPU memory loading {spec.describe()} on {device}: the weights take "
