@@ -283,3 +283,32 @@ class TestBaked:
         assert np.array_equal(image(engine), image(load(own_dir, FINETUNE_DIR, "lora")))
         name = "tiny/ft" if layout == "folder" else f"tiny/ft/{FINETUNE_FILE}"
         assert engine.served[4] == (f"{name}@{REV}", LORAS[4])
+
+
+class TestJobFlow:
+    def test_a_job_on_a_merge_gets_the_operators_defaults_and_reports_the_model(
+            self, own_dir: Path) -> None:
+        """Through the job flow both front doors serve from (worker/service.py)."""
+        import asyncio
+
+        service = startup.assemble(Settings.from_env({
+            "MODEL_DIR": str(own_dir), "BASE_MODEL": FINETUNE_FILE, "LIGHTNING_MODE": "none",
+            "STEPS_RANGE": "3-5", "DEFAULT_STEPS": "5", "DEFAULT_GUIDANCE": "1.5",
+            "DEFAULT_SCHEDULER": "DDIM", "DEVICE": "cpu", "WARMUP": "false"}))
+        try:
+            defaults = asyncio.run(service.run(
+                {"prompt": "a fox", "width": 512, "height": 512, "seed": 1}, None, "j1"))
+            chosen = asyncio.run(service.run(
+                {"prompt": "a fox", "width": 512, "height": 512, "seed": 1,
+                 "num_inference_steps": 9, "scheduler": "K_EULER"}, None, "j2"))
+        finally:
+            service.gpu.close()
+        params = defaults.reply["parameters"]
+        assert (params["num_inference_steps"], params["guidance_scale"],
+                params["scheduler"]) == (5, 1.5, "DDIM")
+        digest = base_model.sha256_of(own_dir / FINETUNE_FILE)
+        assert params["model"] == f"{FINETUNE_FILE} sha256:{digest}"
+        assert params["checkpoint"] is None
+        assert chosen.reply["parameters"]["num_inference_steps"] == 5  # 9 -> nearest served
+        assert chosen.reply["parameters"]["scheduler"] == "K_EULER"
+        assert any("resolved to 5" in w for w in chosen.reply["warnings"])
