@@ -94,3 +94,16 @@ class TestParameters:
         served = {6: ("someone/merge-xl@abc", None)}
         params = warmup_plan(6, 512, 512).with_served(served).parameters()
         assert (params["model"], params["checkpoint"]) == ("someone/merge-xl@abc", None)
+
+
+class TestA1111Listing:
+    def test_sd_models_names_the_own_model_and_a_merge_once(self) -> None:
+        from worker.frontdoor import a1111
+
+        served = {s: ("someone/merge-xl@abc", None) for s in (4, 5, 6)}
+        assert [m["title"] for m in a1111.sd_models((4, 5, 6), served)] == [
+            "someone/merge-xl@abc"]
+        fused = {4: ("ft.safetensors sha256:1", "sdxl_lightning_4step_lora.safetensors")}
+        assert a1111.options((4,), fused)["sd_model_checkpoint"] == \
+            "ft.safetensors sha256:1 + sdxl_lightning_4step_lora"
+        assert a1111.sd_models((4,))[0]["filename"] == "sdxl_lightning_4step_unet.safetensors"
