@@ -6,8 +6,13 @@ config is SDXL base's own, every field, so every scheduler runs as on the real m
 machines without model-hub access use it. Same arguments, same bytes: every tensor comes from a
 fixed seed. Takes about a second.
 
+With ``--base-model NAME`` (a spec with BASE_MODEL) it also writes a tiny "fine-tune" as a
+diffusers folder and as one original-layout file, and tiny Lightning LoRAs for it
+(``builder/tiny_finetune.py``); its second text encoder is then wider than the first, as in SDXL.
+
 Usage: ``python -m builder.make_tiny_model OUT_DIR [--steps 4 [2 ...]] [--safety-checker]
-[--tiny-decoder]`` (``python builder/make_tiny_model.py OUT_DIR ...`` works too).
+[--tiny-decoder] [--base-model tiny-finetune [--lightning-mode lora]]`` (``python
+builder/make_tiny_model.py OUT_DIR ...`` works too).
 """
 
 from __future__ import annotations

@@ -7,6 +7,12 @@ checker, TAESDXL); ``spec.files()`` lists every file that takes and where each i
 search (``location``), the prefetch and ``pipeline.Engine.load`` agree by construction. No torch
 or diffusers import here.
 
+With ``base_model`` (BASE_MODEL, your own SDXL model) the folder holds only SDXL base's configs
+and tokenizers (plus ``model_index.json`` and SDXL base's ``vae/config.json``: the config folder
+``from_single_file`` is given) and the Lightning file of each step count for the mode
+(``sdxl_lightning_4step_lora.safetensors`` for ``lora``, the UNet for ``unet``, none for a
+merge); the model itself is wherever BASE_MODEL says (``worker/engine/base_model.py``).
+
 Layout of ``MODEL_DIR`` (it mirrors the Hugging Face repositories, so the files keep their names):
 
     scheduler/scheduler_config.json            SDXL base
