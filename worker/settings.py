@@ -270,11 +270,6 @@ class Settings(BaseModel):
                 raise StartupError(f"STEPS_RANGE applies to LIGHTNING_MODE=none (a Lightning "
                                    f"merge) only; LIGHTNING_MODE={mode} serves LIGHTNING_STEPS")
             steps = self.lightning_steps
-        if self.default_steps is not None and self.default_steps not in steps:
-            allowed = (f"STEPS_RANGE {steps[0]}-{steps[-1]}" if mode == "none"
-                       else f"LIGHTNING_STEPS {','.join(map(str, steps))}")
-            raise StartupError(f"DEFAULT_STEPS={self.default_steps} is not served: it must be "
-                               f"within {allowed}")
         return ModelSpec(steps=steps, safety_checker=self.safety_mode != "off",
                          tiny_decoder=self.vae_decoder == "tiny", base_model=self.base_model,
                          lightning_mode=mode, lora_scale=self.lora_scale)
@@ -304,5 +299,14 @@ class Settings(BaseModel):
             if env.get(name) and key in cls._PARSE:
                 values[key] = cls._PARSE[key](name, env[name])
         settings = cls(**values)
-        settings.model_spec  # noqa: B018 - a mode that cannot work stops the start here
+        settings.check_model()
         return settings
+
+    def check_model(self) -> None:
+        """A model setting that cannot work (LIGHTNING_MODE, DEFAULT_STEPS) stops the start."""
+        steps = self.model_spec.steps  # raises for a mode that cannot work
+        if self.default_steps is not None and self.default_steps not in steps:
+            allowed = (f"STEPS_RANGE {steps[0]}-{steps[-1]}" if self.mode == "none"
+                       else f"LIGHTNING_STEPS {','.join(map(str, steps))}")
+            raise StartupError(f"DEFAULT_STEPS={self.default_steps} is not served: it must be "
+                               f"within {allowed}")

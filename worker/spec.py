@@ -119,6 +119,27 @@ class ModelSpec:
         """Whether this spec serves a model of its own (BASE_MODEL) rather than SDXL base."""
         return self.base_model is not None
 
+    def model_path(self, folder: Path) -> Path | None:
+        """Where BASE_MODEL is (None: SDXL base): absolute as given, else inside the model
+        folder. A folder with no ``model_index.json`` and exactly one ``.safetensors`` file is
+        that single file (how the builder bakes one, ``baked-model/NAME.safetensors``)."""
+        if self.base_model is None:
+            return None
+        path = Path(self.base_model).expanduser()
+        path = path if path.is_absolute() else folder / path
+        if path.is_dir() and not (path / "model_index.json").exists():
+            files = list(path.glob("*.safetensors"))
+            if len(files) == 1:
+                return files[0]
+        return path
+
+    def model_weights(self, folder: Path) -> list[Path]:
+        """BASE_MODEL's weight files (for the prefetch): the file, or a folder's safetensors."""
+        path = self.model_path(folder)
+        if path is None or not path.exists():
+            return []
+        return [path] if path.is_file() else sorted(path.glob("*/*.safetensors"))
+
     def lightning_file(self, steps: int) -> str | None:
         """The Lightning file that makes ``steps`` run: UNet, LoRA, or None (a merge)."""
         if self.lightning_mode == "unet":

@@ -4,6 +4,8 @@ refused at start with one line naming why. Also the DEFAULT_* request fields and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from schemas import parse_request
@@ -52,6 +54,8 @@ class TestModes:
         ({"BASE_MODEL": "m", "LIGHTNING_MODE": "none", "STEPS_RANGE": "4-8",
           "DEFAULT_STEPS": "3"}, "within STEPS_RANGE 4-8"),
         ({"BASE_MODEL": "ft", "STEPS_RANGE": "4-8"}, "STEPS_RANGE applies to LIGHTNING_MODE=none"),
+        ({"DEFAULT_STEPS": "3"}, "DEFAULT_STEPS=3 is not served: it must be within "
+                                 "LIGHTNING_STEPS 4"),
         ({"LIGHTNING_MODE": "fast"}, "LIGHTNING_MODE='fast' is invalid: one of unet, lora, none"),
         ({"STEPS_RANGE": "8-4"}, "STEPS_RANGE='8-4' is invalid"),
         ({"LIGHTNING_LORA_SCALE": "3"}, "a number from 0 to 2"),
@@ -107,3 +111,19 @@ class TestA1111Listing:
         assert a1111.options((4,), fused)["sd_model_checkpoint"] == \
             "ft.safetensors sha256:1 + sdxl_lightning_4step_lora"
         assert a1111.sd_models((4,))[0]["filename"] == "sdxl_lightning_4step_unet.safetensors"
+
+
+class TestModelPath:
+    def test_relative_absolute_and_a_folder_holding_one_file(self, tmp_path: Path) -> None:
+        (tmp_path / "baked-model").mkdir()
+        (tmp_path / "baked-model" / "x.safetensors").write_bytes(b"x")
+        (tmp_path / "ft" / "unet").mkdir(parents=True)
+        (tmp_path / "ft" / "model_index.json").write_text("{}")
+        (tmp_path / "ft" / "unet" / "w.safetensors").write_bytes(b"w")
+        assert ModelSpec(base_model="baked-model").model_path(tmp_path) == \
+            tmp_path / "baked-model" / "x.safetensors"
+        assert ModelSpec(base_model=str(tmp_path / "ft")).model_path(Path("/elsewhere")) == \
+            tmp_path / "ft"
+        assert ModelSpec(base_model="ft").model_weights(tmp_path) == [
+            tmp_path / "ft" / "unet" / "w.safetensors"]
+        assert ModelSpec().model_path(tmp_path) is None

@@ -56,15 +56,10 @@ HASH_CHUNK = 16 << 20
 
 
 def model_path(spec: ModelSpec, folder: Path) -> Path:
-    """Where BASE_MODEL is: absolute as given, else inside the model folder. A folder with no
-    ``model_index.json`` and exactly one ``.safetensors`` file is that single file (how the
-    builder bakes one, ``baked-model/NAME.safetensors``, and how downloads often land)."""
-    path = Path(spec.base_model or "").expanduser()
-    path = path if path.is_absolute() else folder / path
-    if path.is_dir() and not (path / "model_index.json").exists():
-        files = list(path.glob("*.safetensors"))
-        if len(files) == 1:
-            return files[0]
+    """Where BASE_MODEL is (``ModelSpec.model_path``)."""
+    path = spec.model_path(folder)
+    if path is None:
+        raise ValueError("the spec has no BASE_MODEL")
     return path
 
 
