@@ -72,6 +72,40 @@ class TestLoraMode:
             torch.testing.assert_close(mine[name], tensor)
         assert np.array_equal(image(ours), image(ref))
 
+    def test_a_kohya_layout_lora_fuses_the_same(self, own_dir: Path, tmp_path: Path) -> None:
+        """LoRA files also come in kohya's layout (lora_unet_*, lora_down/up, alpha): the same
+        weights in it give the same images."""
+        from safetensors.torch import save_file
+
+        kohya = {}
+        for key, tensor in load_file(own_dir / LORAS[4]).items():
+            module, kind = key.removeprefix("unet.").rsplit(".lora_", 1)
+            name = "lora_unet_" + module.replace(".", "_")
+            down = kind.startswith("A")
+            kohya[f"{name}.{'lora_down' if down else 'lora_up'}.weight"] = tensor
+            if down:  # alpha = rank: scale 1, as the diffusers-format file has
+                kohya[f"{name}.alpha"] = torch.tensor(float(tensor.shape[0]), dtype=tensor.dtype)
+        for path in own_dir.iterdir():
+            if path.name != LORAS[4]:
+                (tmp_path / path.name).symlink_to(path)
+        save_file(kohya, str(tmp_path / LORAS[4]))
+        assert np.array_equal(image(load(tmp_path, FINETUNE_DIR, "lora")),
+                              image(load(own_dir, FINETUNE_DIR, "lora")))
+
+    def test_a_lora_that_matches_no_layer_stops_the_start(self, own_dir: Path,
+                                                          tmp_path: Path) -> None:
+        """diffusers only warns for a LoRA of another architecture (Flux keys here)."""
+        from safetensors.torch import save_file
+
+        for path in own_dir.iterdir():
+            if path.name != LORAS[4]:
+                (tmp_path / path.name).symlink_to(path)
+        save_file({"transformer.single_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+                   "transformer.single_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)},
+                  str(tmp_path / LORAS[4]))
+        with pytest.raises(StartupError, match=f"{LORAS[4]} did not apply to BASE_MODEL's UNet"):
+            load(tmp_path, FINETUNE_DIR, "lora")
+
     def test_differs_from_the_fine_tune_alone(self, own_dir: Path) -> None:
         fused = image(load(own_dir, FINETUNE_DIR, "lora"))
         alone = image(reference(own_dir, 4, lora=False))
