@@ -53,12 +53,23 @@
 # - TORCH_INDEX_URL: optional extra index for another torch build, e.g. PyTorch's CUDA 12.x index
 #   for hosts with drivers older than 580 (then also a 12.x BASE_IMAGE and allowedCudaVersions).
 # - PYTHON_VERSION, UV_VERSION: pinned; uv 0.13.8 knows CPython 3.12.16.
+# - BASE_MODEL: your own SDXL model to bake and serve instead of SDXL base (README, "Your own
+#   model"): owner/name@COMMIT (a diffusers repo at a pinned 40-hex commit),
+#   owner/name@COMMIT:path/model.safetensors (one single file of a repo) or an https URL of a
+#   .safetensors file. It lands in /app/models/sdxl-lightning/baked-model with its origin
+#   recorded; only SDXL base's configs come with it (its weights are the model's own). Empty
+#   (the default): SDXL base with the Lightning UNets, as ever.
+# - LIGHTNING_MODE: with BASE_MODEL, lora (the default: the Lightning LoRA of each
+#   LIGHTNING_STEPS is baked, 394 MB each, and fused at start), unet (the Lightning UNets, 5.1 GB
+#   each) or none (a Lightning merge: nothing more is baked).
 # - HF_ENDPOINT: a Hugging Face mirror for the weight download. No token is needed: the three
 #   repositories are public. For an authenticating mirror, pass HF_TOKEN as a BuildKit secret
 #   (`RUN --mount=type=secret,id=hf_token,env=HF_TOKEN ...`), never as an ARG.
 ARG BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG LIGHTNING_STEPS=4
 ARG BAKE_SAFETY_CHECKER=true
+ARG BASE_MODEL=""
+ARG LIGHTNING_MODE=""
 ARG PYTHON_VERSION=3.12.16
 ARG UV_VERSION=0.13.8
 
@@ -92,6 +103,8 @@ RUN uv venv --python "${PYTHON_VERSION}" /opt/venv \
 FROM python AS weights
 ARG LIGHTNING_STEPS
 ARG BAKE_SAFETY_CHECKER
+ARG BASE_MODEL
+ARG LIGHTNING_MODE
 ARG HF_ENDPOINT=https://huggingface.co
 WORKDIR /app
 COPY worker/__init__.py worker/spec.py worker/
@@ -102,14 +115,19 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN IFS=, read -r -a steps <<< "${LIGHTNING_STEPS}" \
     && extra=(--tiny-decoder) \
     && if [ "${BAKE_SAFETY_CHECKER}" = "true" ]; then extra+=(--safety-checker); fi \
+    && if [ -n "${BASE_MODEL}" ]; then extra+=(--bake "${BASE_MODEL}"); fi \
+    && if [ -n "${LIGHTNING_MODE}" ]; then extra+=(--lightning-mode "${LIGHTNING_MODE}"); fi \
     && python -m builder.download_weights /app/models/sdxl-lightning --steps "${steps[@]}" \
        "${extra[@]}"
 
 # ---- the worker image.
 FROM ${BASE_IMAGE}
 ARG LIGHTNING_STEPS
+ARG BASE_MODEL
+ARG LIGHTNING_MODE
 # HF_HUB_OFFLINE: nothing in the worker may reach the Hub at run time (the weights are local).
-# LIGHTNING_STEPS: load exactly what was baked. DEVICE=cuda: on a host whose GPU does not work
+# LIGHTNING_STEPS: load exactly what was baked; BASE_MODEL: the baked model, by the name the
+# builder gave it (empty without one, which means SDXL base), and its LIGHTNING_MODE. DEVICE=cuda: on a host whose GPU does not work
 # the worker stops at start (RunPod replaces it) instead of serving at CPU speed. The worker
 # runs as root, like RunPod's own workers: network volumes and RunPod's model cache are
 # root-owned.
@@ -119,7 +137,9 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     HF_HUB_OFFLINE=1 \
     DOWNLOAD_MISSING_WEIGHTS=false \
     DEVICE=cuda \
-    LIGHTNING_STEPS=${LIGHTNING_STEPS}
+    LIGHTNING_STEPS=${LIGHTNING_STEPS} \
+    BASE_MODEL=${BASE_MODEL:+baked-model} \
+    LIGHTNING_MODE=${LIGHTNING_MODE}
 COPY --from=python /opt/python /opt/python
 COPY --from=weights /app/models /app/models
 COPY --from=deps /opt/venv /opt/venv

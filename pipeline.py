@@ -54,7 +54,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from schemas import MIN_SIDE
-from worker.engine import adapters, compiler, loading, safety, weighting
+from worker.engine import adapters, base_model, compiler, loading, safety, weighting
 from worker.engine.decode import decode_latents, preview_jpeg
 from worker.errors import JobError, ModelFolderError, StartupError
 from worker.plan import BatchStep, Plan, warmup_plan
@@ -152,6 +152,8 @@ class Engine:
         # Docker image always bakes it; ~10 MB).
         self.previewer = previewer or taesd
         self.checker = checker  # the safety checker, when the spec asks for it
+        # BASE_MODEL: steps -> (parameters.model, parameters.checkpoint); None: SDXL-Lightning
+        self.served: dict[int, tuple[str, str | None]] | None = None
         # (steps, mode, scheduler) -> a pipeline sharing every module of pipes[steps] but
         # holding its own scheduler, so no job changes the shared pipeline's state. Built on
         # first use (~16 ms each) and reused: generation runs on one thread at a time.
@@ -181,15 +183,10 @@ class Engine:
             raise ModelFolderError(f"model folder {folder} is missing {', '.join(missing)}")
         before = loading.gpu_memory(device)  # (free, total), for an out-of-memory message
         try:
-            shared = loading.shared_components(folder, device, dtype)
-            pipes = {}
-            for steps in spec.steps:
-                pipe = StableDiffusionXLPipeline(
-                    **shared, unet=loading.load_unet(folder, steps, device, dtype),
-                    scheduler=loading.scheduler_for(folder, steps),
-                    add_watermarker=False)  # watermarking is a CPU round trip
-                pipe.set_progress_bar_config(disable=True)
-                pipes[steps] = pipe
+            if spec.own_model:  # BASE_MODEL and LIGHTNING_MODE: worker/engine/base_model.py
+                pipes = base_model.load_pipes(spec, folder, device, dtype)
+            else:
+                pipes = cls._load_lightning(spec, folder, device, dtype)
             engine = cls(spec, pipes, device, dtype,
                          taesd=loading.load_tiny_decoder(folder, device, dtype)
                          if spec.tiny_decoder else None,
@@ -198,6 +195,8 @@ class Engine:
                          previewer=loading.load_tiny_decoder(folder, device, dtype)
                          if not spec.tiny_decoder and loading.has_tiny_decoder(folder)
                          else None)
+            if spec.own_model:
+                engine.served = cls._served(spec, folder)
             if device.type == "cuda":
                 engine.optimize()
         except torch.OutOfMemoryError:  # a RuntimeError too: caught before the corrupt files
@@ -208,11 +207,37 @@ class Engine:
         return engine
 
     @staticmethod
+    def _load_lightning(spec: ModelSpec, folder: Path, device: torch.device,
+                        dtype: torch.dtype) -> dict[int, StableDiffusionXLPipeline]:
+        """SDXL base with ByteDance's Lightning UNet of each step count (the default)."""
+        shared = loading.shared_components(folder, device, dtype)
+        pipes = {}
+        for steps in spec.steps:
+            pipe = StableDiffusionXLPipeline(
+                **shared, unet=loading.load_unet(folder, steps, device, dtype),
+                scheduler=loading.scheduler_for(folder, steps),
+                add_watermarker=False)  # watermarking is a CPU round trip
+            pipe.set_progress_bar_config(disable=True)
+            pipes[steps] = pipe
+        return pipes
+
+    @staticmethod
+    def _served(spec: ModelSpec, folder: Path) -> dict[int, tuple[str, str | None]]:
+        """Per step count, what ``parameters.model`` and ``checkpoint`` report."""
+        name = base_model.identity(spec, folder)
+        return {steps: (name, base_model.checkpoint_label(spec, steps)) for steps in spec.steps}
+
+    def distinct_pipes(self) -> list[StableDiffusionXLPipeline]:
+        """Each loaded pipeline once (a Lightning merge serves every step count with one)."""
+        return list({id(pipe): pipe for pipe in self.pipes.values()}.values())
+
+    @staticmethod
     def _memory_advice(spec: ModelSpec, folder: Path, device: torch.device, dtype: torch.dtype,
                        before: tuple[int, int] | None) -> str:
         """Out of memory loading: what the weights take, what the GPU has, what to do."""
         sizes = loading.weights_bytes(folder, spec, dtype)
-        need, unet = sum(sizes.values()), max(sizes.get(CHECKPOINTS[s], 0) for s in spec.steps)
+        need = sum(sizes.values())  # BASE_MODEL's own weights are not among spec.files()
+        unet = max(sizes.get(CHECKPOINTS.get(s, ""), 0) for s in spec.steps)
         has = "" if before is None else (f", the GPU has {memory_text(before[1])} "
                                          f"({memory_text(before[0])} of it free before loading)")
         return (f"out of GPU memory loading {spec.describe()} on {device}: the weights take "
@@ -224,7 +249,7 @@ class Engine:
     def optimize(self) -> None:
         """channels_last and fused QKV, the unfused projections freed (applied on CUDA; tests
         force it on the CPU). Idempotent."""
-        loading.optimize_for_cuda([pipe.unet for pipe in self.pipes.values()] + [self.vae] + (
+        loading.optimize_for_cuda([pipe.unet for pipe in self.distinct_pipes()] + [self.vae] + (
             [self.taesd] if self.taesd is not None else []))
 
     def resident_bytes(self) -> dict[str, int]:
@@ -239,8 +264,13 @@ class Engine:
         if self.checker is not None:
             names.append("safety checker")
             shared.append(self.checker[0])
-        return {f"{steps}-step UNet": loading.resident_bytes(pipe.unet)
-                for steps, pipe in sorted(self.pipes.items())} | {
+        if len(self.distinct_pipes()) < len(self.pipes):  # a merge: one UNet for every count
+            unets = {f"UNet (steps {self.steps[0]}-{self.steps[-1]})":
+                     loading.resident_bytes(first.unet)}
+        else:
+            unets = {f"{steps}-step UNet": loading.resident_bytes(pipe.unet)
+                     for steps, pipe in sorted(self.pipes.items())}
+        return unets | {
             f"shared ({', '.join(names)})": sum(map(loading.resident_bytes, shared))}
 
     def count_tokens(self, text: str) -> int:
@@ -367,10 +397,12 @@ class Engine:
         return out
 
     def warm_up(self, sizes: Sequence[tuple[int, int]] = WARMUP_SIZES) -> None:
-        """One image of each size with each checkpoint, before any job arrives. Out of memory
-        here is a ``ModelMemoryError``: the weights fit, one image at that size does not."""
+        """One image of each size with each checkpoint, before any job arrives (a merge's one
+        pipeline at its smallest step count). Out of memory here is a ``ModelMemoryError``: the
+        weights fit, one image at that size does not."""
         failed: tuple[int, int, int] | None = None
-        for steps in self.steps:
+        for steps in ([self.steps[0]] if len(self.distinct_pipes()) < len(self.pipes)
+                      else self.steps):
             for width, height in sizes:
                 try:
                     self.run_batch([warmup_plan(steps, width, height)])
@@ -397,7 +429,7 @@ class Engine:
         started = time.perf_counter()
         shown = ", ".join(f"{width}x{height}" for width, height in sizes)
         try:
-            compiler.compile_in_place([pipe.unet for pipe in self.pipes.values()], cache_dir,
+            compiler.compile_in_place([pipe.unet for pipe in self.distinct_pipes()], cache_dir,
                                       backend)
             self.warm_up(sizes)  # dynamo compiles lazily: the first call at each size
         except ModelMemoryError:

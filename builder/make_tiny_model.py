@@ -6,8 +6,13 @@ config is SDXL base's own, every field, so every scheduler runs as on the real m
 machines without model-hub access use it. Same arguments, same bytes: every tensor comes from a
 fixed seed. Takes about a second.
 
+With ``--base-model NAME`` (a spec with BASE_MODEL) it also writes a tiny "fine-tune" as a
+diffusers folder and as one original-layout file, and tiny Lightning LoRAs for it
+(``builder/tiny_finetune.py``); its second text encoder is then wider than the first, as in SDXL.
+
 Usage: ``python -m builder.make_tiny_model OUT_DIR [--steps 4 [2 ...]] [--safety-checker]
-[--tiny-decoder]`` (``python builder/make_tiny_model.py OUT_DIR ...`` works too).
+[--tiny-decoder] [--base-model tiny-finetune [--lightning-mode lora]]`` (``python
+builder/make_tiny_model.py OUT_DIR ...`` works too).
 """
 
 from __future__ import annotations
@@ -51,9 +56,11 @@ log = logging.getLogger(__name__)
 
 # Dimensions that must agree (diffusers' own SDXL test components): cross_attention_dim =
 # hidden(te1) + hidden(te2) = 32 + 32; projection_class_embeddings_input_dim =
-# 6 * addition_time_embed_dim + projection_dim(te2) = 6*8 + 32 = 80; 77 = CLIP's context length.
+# 6 * addition_time_embed_dim + projection_dim(te2) = 6*8 + 32 = 80 (te2 48 wide with BASE_MODEL:
+# 80 and 96); 77 = CLIP's context length.
 TEXT_HIDDEN = 32
 CLIP_CONTEXT = 77
+OWN_MODEL_TEXT_2 = 48  # the second encoder's width in a BASE_MODEL tiny folder (see build)
 MERGES = ["c a", "ca t</w>", "d o", "do g</w>", "t h", "th e</w>"]  # only merges of existing tokens
 # scheduler/scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0 at the pinned
 # revision (worker.spec.BASE_REVISION), every field: the other schedulers are built from it
@@ -121,18 +128,19 @@ def _save_fp16(state: dict[str, torch.Tensor], path: Path) -> None:
               metadata={"format": "pt"})
 
 
-def _unet(seed: int, channels: tuple[int, int]) -> UNet2DConditionModel:
+def _unet(seed: int, channels: tuple[int, int],
+          text_2: int = TEXT_HIDDEN) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         block_out_channels=channels, layers_per_block=2, sample_size=16, in_channels=4,
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=2 * TEXT_HIDDEN, norm_num_groups=1 if channels[0] < 32 else 32)
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + text_2,
+        cross_attention_dim=TEXT_HIDDEN + text_2, norm_num_groups=1 if channels[0] < 32 else 32)
 
 
-def _text_encoders(out: Path, vocab: dict[str, int]) -> None:
+def _text_encoders(out: Path, vocab: dict[str, int], text_2: int = TEXT_HIDDEN) -> None:
     common = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                   pad_token_id=vocab["<|endoftext|>"], hidden_size=TEXT_HIDDEN,
                   intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4,
@@ -141,7 +149,8 @@ def _text_encoders(out: Path, vocab: dict[str, int]) -> None:
     for seed, sub, cls in ((0, "text_encoder", CLIPTextModel),
                            (1, "text_encoder_2", CLIPTextModelWithProjection)):
         torch.manual_seed(seed)
-        model = cls(CLIPTextConfig(**common))
+        width = {} if sub == "text_encoder" else dict(hidden_size=text_2, projection_dim=text_2)
+        model = cls(CLIPTextConfig(**common | width))
         (out / sub).mkdir(parents=True, exist_ok=True)
         model.config.to_json_file(str(out / sub / "config.json"))
         _save_fp16(model.state_dict(), out / sub / TEXT_ENCODER_WEIGHTS)
@@ -198,15 +207,24 @@ def build(out: Path, spec: ModelSpec,
         json.dumps(SDXL_BASE_SCHEDULER_CONFIG, indent=2) + "\n")
     vocab = write_tokenizer(out / "tokenizer", "<|endoftext|>")
     write_tokenizer(out / "tokenizer_2", "!")  # sdxl-base's tokenizer_2 pads with "!"
-    _text_encoders(out, vocab)
+    # With BASE_MODEL the second text encoder is wider than the first, as in SDXL (768 and
+    # 1280): diffusers' single-file loader tells SDXL's two encoders apart by their widths.
+    text_2 = OWN_MODEL_TEXT_2 if spec.own_model else TEXT_HIDDEN
+    _text_encoders(out, vocab, text_2)
     _vae(out)
-    _unet(0, unet_channels).save_config(str(out / "unet"))
-    for s in spec.steps:  # a different random UNet per checkpoint, so tests can tell them apart
-        _save_fp16(_unet(1000 + s, unet_channels).state_dict(), out / CHECKPOINTS[s])
+    _unet(0, unet_channels, text_2).save_config(str(out / "unet"))
+    # A different random UNet per checkpoint, so tests can tell them apart (the Lightning UNet
+    # mode only: a LoRA or a merge has no such file).
+    for s in spec.steps if spec.lightning_mode == "unet" else ():
+        _save_fp16(_unet(1000 + s, unet_channels, text_2).state_dict(), out / CHECKPOINTS[s])
     if spec.safety_checker:
         _safety_checker(out)
     if spec.tiny_decoder:
         _tiny_decoder(out)
+    if spec.own_model:  # BASE_MODEL: a tiny fine-tune (folder and single file) and its LoRAs
+        from builder import tiny_finetune  # peft: only for this
+
+        tiny_finetune.write(out)
     missing = spec.missing(out)
     if missing:
         raise RuntimeError(f"tiny model is missing {missing}")

@@ -99,6 +99,8 @@ class Plan:
     # inputs/prepare.py; False: diffusers' own encoding, today's exact bytes.
     weighted: bool = False
     embeddings: tuple[EmbeddingUse, ...] = ()  # attached like loras
+    # BASE_MODEL: what ran, as reported (``with_served``); None: SDXL-Lightning's own names.
+    served: tuple[str, str | None] | None = None
 
     @property
     def checkpoint(self) -> str:
@@ -106,6 +108,10 @@ class Plan:
 
     def with_images(self, init_image: Any, mask_image: Any) -> Plan:
         return replace(self, init_image=init_image, mask_image=mask_image)
+
+    def with_served(self, served: dict[int, tuple[str, str | None]] | None) -> Plan:
+        """This plan with the worker's own model's (name, Lightning file) for its steps."""
+        return self if served is None else replace(self, served=served[self.steps])
 
     @property
     def shape_key(self) -> tuple[object, ...]:
@@ -137,7 +143,11 @@ class Plan:
                 "strength": self.strength, "scheduler": self.scheduler,
                 "output_format": self.output_format, "quality": self.quality if lossy else None,
                 "safety_checker": self.safety_check,
-                "model": MODEL_NAME, "checkpoint": self.checkpoint} | adapters
+                **self._model()} | adapters
+
+    def _model(self) -> dict[str, str | None]:
+        model, checkpoint = self.served or (MODEL_NAME, self.checkpoint)
+        return {"model": model, "checkpoint": checkpoint}
 
 
 def snap_side(name: str, value: int) -> tuple[int, str | None]:
@@ -287,6 +297,13 @@ def resolve(req: GenerateRequest, available_steps: tuple[int, ...], *, safety_mo
     if req.output_format == "png" and "quality" in req.model_fields_set:
         warnings.append("quality was ignored: png is lossless")
     return plan, warnings + safety_warnings
+
+
+def with_defaults(req: GenerateRequest, defaults: dict[str, object]) -> GenerateRequest:
+    """``req`` with the operator's DEFAULT_* (already validated by settings) in the fields the
+    caller left unset; a field the caller set always wins."""
+    unset = {k: v for k, v in defaults.items() if k not in req.model_fields_set}
+    return req.model_copy(update=unset) if unset else req
 
 
 def warmup_plan(steps: int, width: int, height: int) -> Plan:

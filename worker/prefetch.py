@@ -48,4 +48,7 @@ def start_from_env(env: Mapping[str, str] | None = None) -> threading.Thread | N
         return None
     # spec.files() lists them in the order the loader reads them: encoders, VAE, UNet.
     paths = [model_dir / f.path for f in files if (model_dir / f.path).is_file()]
+    if own := spec.model_weights(model_dir):  # BASE_MODEL: loaded first, then its Lightning files
+        paths = [p for p in paths if p.suffix != ".safetensors"] + own + [
+            p for p in paths if p.suffix == ".safetensors"]
     return start(paths) if paths else None

@@ -27,7 +27,7 @@ from worker.errors import InputError, JobError, bug_report
 from worker.gpu_queue import GpuWorker
 from worker.inputs.prepare import prepare_async
 from worker.outputs import delivery
-from worker.plan import Plan, StepCallback
+from worker.plan import Plan, StepCallback, with_defaults
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,13 @@ class Service:
         wire formats that carry base64 only)."""
         received = time.perf_counter()
         try:
-            request = parse_request(job_input)
+            request = with_defaults(parse_request(job_input), self.settings.request_defaults())
             bucket = None if inline else await asyncio.to_thread(self.delivery.bucket_for,
                                                                   s3_config)
             plan, warnings = await prepare_async(  # decodes in the pool, cancellable
                 request, self.engine.steps, self.settings.safety_mode, self.engine.count_tokens,
                 loras=self.loras)
+            plan = plan.with_served(getattr(self.engine, "served", None))  # BASE_MODEL's names
             self.delivery.check_estimate(plan, bucket)
         except InputError as exc:
             return rejected(job_id, exc)

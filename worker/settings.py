@@ -17,9 +17,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas import MAX_LORA_ENTRIES, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
+from schemas import MAX_GUIDANCE, MAX_LORA_ENTRIES, MAX_SIDE, MIN_SIDE, SCHEDULERS, SIDE_MULTIPLE
 from worker.errors import StartupError
-from worker.spec import CHECKPOINTS, ModelSpec
+from worker.spec import CHECKPOINTS, LORAS, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,45 @@ def lora_parsers() -> dict[str, Callable[[str, str], Any]]:
             "allow_lora_urls": _parse_bool}
 
 
+def _parse_step_range(name: str, text: str) -> tuple[int, int]:
+    """``4-8`` (or ``6``): the step counts a Lightning merge (LIGHTNING_MODE=none) accepts."""
+    low, _, high = text.replace(" ", "").partition("-")
+    try:
+        bounds = int(low), int(high or low)
+    except ValueError:
+        bounds = (0, 0)
+    if not 1 <= bounds[0] <= bounds[1] <= MAX_MERGE_STEPS:
+        raise StartupError(f"{name}={text!r} is invalid: LOW-HIGH step counts from 1 to "
+                           f"{MAX_MERGE_STEPS}, e.g. 4-8")
+    return bounds
+
+
+def _parse_float(low: float, high: float) -> Callable[[str, str], float]:
+    def parse(name: str, text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:  # NaN fails too
+            raise StartupError(f"{name}={text!r} is invalid: a number from {low:g} to {high:g}")
+        return value
+
+    return parse
+
+
+def _parse_scheduler(name: str, text: str) -> str:
+    by_lower = {s.lower(): s for s in SCHEDULERS}
+    if text.strip().lower() not in by_lower:
+        raise StartupError(f"{name}={text!r} is invalid: one of {', '.join(SCHEDULERS)}")
+    return by_lower[text.strip().lower()]
+
+
+# A Lightning merge's allowed steps, when STEPS_RANGE is unset: merges recommend 4-8 (their
+# cards); 1-12 also takes the 2- and 10-step advice some give, and 12 steps is still seconds.
+DEFAULT_MERGE_RANGE = (1, 12)
+MAX_MERGE_STEPS = 50  # past that a "Lightning" model is not one; also bounds warm-up
+
+
 class Settings(BaseModel):
     """Worker settings, read once at start from environment variables."""
 
@@ -165,6 +204,17 @@ class Settings(BaseModel):
     lora_max_mb: int = 1024  # one download; SDXL LoRAs are 10-900 MB (rank 4-256)
     max_loras: int = 4  # per job: each adds a merge per batch
     allow_lora_urls: bool = True  # false: only files on the volume (LORA_DIR)
+    # Your own model (worker/engine/base_model.py): BASE_MODEL is an SDXL diffusers folder or
+    # single .safetensors file; LIGHTNING_MODE unet/lora/none (None: unet for SDXL base, lora
+    # for BASE_MODEL). The DEFAULT_* fill a request's unset fields (a merge's own
+    # recommendations); STEPS_RANGE is what a merge (mode none) accepts.
+    base_model: str | None = None
+    lightning_mode: Literal["unet", "lora", "none"] | None = None
+    lora_scale: float = 1.0
+    default_steps: int | None = None
+    default_guidance: float | None = None
+    default_scheduler: str | None = None
+    steps_range: tuple[int, int] | None = None
 
     # Environment variable -> field. The README and hub.json list exactly these.
     ENV: ClassVar[Mapping[str, str]] = {
@@ -178,6 +228,10 @@ class Settings(BaseModel):
         "WORKER_MODE": "worker_mode", "HOST": "host", "PORT": "port",
         "PORT_HEALTH": "port_health_setting", "MAX_WAITING": "max_waiting", "API_KEY": "api_key",
         **lora_env(),
+        "BASE_MODEL": "base_model", "LIGHTNING_MODE": "lightning_mode",
+        "LIGHTNING_LORA_SCALE": "lora_scale", "DEFAULT_STEPS": "default_steps",
+        "DEFAULT_GUIDANCE": "default_guidance", "DEFAULT_SCHEDULER": "default_scheduler",
+        "STEPS_RANGE": "steps_range",
         **{name: "bucket_env" for name in BUCKET_ENV}}
     _PARSE: ClassVar[Mapping[str, Callable[[str, str], Any]]] = {
         "model_dir": _path, "lightning_steps": _parse_steps, "warmup": _parse_bool,
@@ -191,6 +245,13 @@ class Settings(BaseModel):
         "port": _int_range(1, 65535), "port_health_setting": _int_range(1, 65535),
         "max_waiting": _int_range(0, 1024), "api_key": lambda name, text: text.strip(),
         **lora_parsers(),
+        "base_model": lambda name, text: text.strip(),
+        "lightning_mode": _choice("unet", "lora", "none"),
+        # 2: the DMD2 authors ran their distillation LoRA at 0.75 on fine-tunes, users 0.5;
+        # past 2 the distilled update overshoots.
+        "lora_scale": _parse_float(0.0, 2.0), "default_steps": _int_range(1, MAX_MERGE_STEPS),
+        "default_guidance": _parse_float(0.0, MAX_GUIDANCE),
+        "default_scheduler": _parse_scheduler, "steps_range": _parse_step_range,
     }
 
     @property
@@ -200,8 +261,50 @@ class Settings(BaseModel):
     @property
     def model_spec(self) -> ModelSpec:
         """The checkpoints and optional components these settings make the worker load."""
+        if self.base_model is not None or self.lightning_mode not in (None, "unet"):
+            return self._own_model_spec()
         return ModelSpec(steps=self.lightning_steps, safety_checker=self.safety_mode != "off",
                          tiny_decoder=self.vae_decoder == "tiny")
+
+    @property
+    def mode(self) -> str:
+        """LIGHTNING_MODE in effect: unset means unet on SDXL base, lora on BASE_MODEL."""
+        return self.lightning_mode or ("unet" if self.base_model is None else "lora")
+
+    def _own_model_spec(self) -> ModelSpec:
+        """BASE_MODEL's spec; a mode that cannot work is a ``StartupError`` naming why."""
+        mode = self.mode
+        if self.base_model is None:
+            raise StartupError(
+                f"LIGHTNING_MODE={mode} needs BASE_MODEL (your SDXL model): on SDXL base itself "
+                f"the full Lightning UNets are better (ByteDance's model card), which "
+                f"LIGHTNING_MODE=unet serves")
+        if mode == "lora" and (bad := [s for s in self.lightning_steps if s not in LORAS]):
+            raise StartupError(
+                f"LIGHTNING_MODE=lora cannot serve LIGHTNING_STEPS "
+                f"{','.join(map(str, bad))}: ByteDance publishes Lightning LoRAs for "
+                f"{', '.join(map(str, LORAS))} steps only (there is no 1-step LoRA); set "
+                f"LIGHTNING_STEPS to a subset of {','.join(map(str, LORAS))}, or use "
+                f"LIGHTNING_MODE=unet for the 1-step UNet")
+        if mode == "none":
+            low, high = self.steps_range or DEFAULT_MERGE_RANGE
+            steps = tuple(range(low, high + 1))
+        else:
+            if self.steps_range is not None:
+                raise StartupError(f"STEPS_RANGE applies to LIGHTNING_MODE=none (a Lightning "
+                                   f"merge) only; LIGHTNING_MODE={mode} serves LIGHTNING_STEPS")
+            steps = self.lightning_steps
+        return ModelSpec(steps=steps, safety_checker=self.safety_mode != "off",
+                         tiny_decoder=self.vae_decoder == "tiny", base_model=self.base_model,
+                         lightning_mode=mode, lora_scale=self.lora_scale)
+
+    def request_defaults(self) -> dict[str, object]:
+        """Request fields the operator's DEFAULT_* set (a merge's own recommendations), filled
+        in where a request leaves them unset."""
+        return {field: value for field, value in (
+            ("num_inference_steps", self.default_steps),
+            ("guidance_scale", self.default_guidance),
+            ("scheduler", self.default_scheduler)) if value is not None}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -219,4 +322,15 @@ class Settings(BaseModel):
         for name, key in cls.ENV.items():
             if env.get(name) and key in cls._PARSE:
                 values[key] = cls._PARSE[key](name, env[name])
-        return cls(**values)
+        settings = cls(**values)
+        settings.check_model()
+        return settings
+
+    def check_model(self) -> None:
+        """A model setting that cannot work (LIGHTNING_MODE, DEFAULT_STEPS) stops the start."""
+        steps = self.model_spec.steps  # raises for a mode that cannot work
+        if self.default_steps is not None and self.default_steps not in steps:
+            allowed = (f"STEPS_RANGE {steps[0]}-{steps[-1]}" if self.mode == "none"
+                       else f"LIGHTNING_STEPS {','.join(map(str, steps))}")
+            raise StartupError(f"DEFAULT_STEPS={self.default_steps} is not served: it must be "
+                               f"within {allowed}")

@@ -7,6 +7,12 @@ checker, TAESDXL); ``spec.files()`` lists every file that takes and where each i
 search (``location``), the prefetch and ``pipeline.Engine.load`` agree by construction. No torch
 or diffusers import here.
 
+With ``base_model`` (BASE_MODEL, your own SDXL model) the folder holds only SDXL base's configs
+and tokenizers (plus ``model_index.json`` and SDXL base's ``vae/config.json``: the config folder
+``from_single_file`` is given) and the Lightning file of each step count for the mode
+(``sdxl_lightning_4step_lora.safetensors`` for ``lora``, the UNet for ``unet``, none for a
+merge); the model itself is wherever BASE_MODEL says (``worker/engine/base_model.py``).
+
 Layout of ``MODEL_DIR`` (it mirrors the Hugging Face repositories, so the files keep their names):
 
     scheduler/scheduler_config.json            SDXL base
@@ -55,6 +61,17 @@ CHECKPOINTS: dict[int, str] = {
     8: "sdxl_lightning_8step_unet.safetensors",
 }
 X0_PREDICTION_STEPS = frozenset({1})
+# The Lightning LoRAs (same repository and revision), for other SDXL models: 2, 4 and 8 steps
+# only; ByteDance publishes no 1-step LoRA (model card). 394 MB each.
+LORAS: dict[int, str] = {
+    2: "sdxl_lightning_2step_lora.safetensors",
+    4: "sdxl_lightning_4step_lora.safetensors",
+    8: "sdxl_lightning_8step_lora.safetensors",
+}
+# LIGHTNING_MODE: how Lightning speed is had. unet: ByteDance's full UNet replaces the model's
+# (SDXL base); lora: the LoRA of each step count is fused into the model's UNet at load
+# (fine-tunes); none: the model is already a Lightning merge and runs as it is.
+LIGHTNING_MODES = ("unet", "lora", "none")
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
 TEXT_ENCODER_WEIGHTS = "model.fp16.safetensors"
@@ -78,16 +95,61 @@ class ModelSpec:
     steps: tuple[int, ...] = (4,)
     safety_checker: bool = False  # CompVis's checker, for SAFETY_CHECKER=true/always
     tiny_decoder: bool = False  # TAESDXL decodes instead of the full VAE (VAE_DECODER=tiny)
+    # BASE_MODEL: None is SDXL base 1.0 (pinned) with the Lightning UNets, as ever; otherwise
+    # an SDXL diffusers folder or single .safetensors file, a path relative to the model
+    # folder or absolute (worker/engine/base_model.py loads it).
+    base_model: str | None = None
+    lightning_mode: str = "unet"  # one of LIGHTNING_MODES
+    lora_scale: float = 1.0  # the fused Lightning LoRA's weight (lora mode)
 
     def __post_init__(self) -> None:
         steps = tuple(sorted(set(self.steps)))
-        if not steps or any(s not in CHECKPOINTS for s in steps):
-            raise ValueError(f"steps {self.steps!r}: a non-empty subset of {sorted(CHECKPOINTS)}")
+        if self.lightning_mode not in LIGHTNING_MODES:
+            raise ValueError(f"lightning_mode {self.lightning_mode!r}: one of {LIGHTNING_MODES}")
+        # A Lightning merge (mode none) runs any step count in its range; the others one file
+        # per step count.
+        allowed = {"unet": CHECKPOINTS, "lora": LORAS}.get(self.lightning_mode)
+        if not steps or any(s < 1 or (allowed is not None and s not in allowed) for s in steps):
+            raise ValueError(f"steps {self.steps!r}: a non-empty subset of "
+                             f"{sorted(allowed or CHECKPOINTS)}")
         object.__setattr__(self, "steps", steps)
+
+    @property
+    def own_model(self) -> bool:
+        """Whether this spec serves a model of its own (BASE_MODEL) rather than SDXL base."""
+        return self.base_model is not None
+
+    def model_path(self, folder: Path) -> Path | None:
+        """Where BASE_MODEL is (None: SDXL base): absolute as given, else inside the model
+        folder. A folder with no ``model_index.json`` and exactly one ``.safetensors`` file is
+        that single file (how the builder bakes one, ``baked-model/NAME.safetensors``)."""
+        if self.base_model is None:
+            return None
+        path = Path(self.base_model).expanduser()
+        path = path if path.is_absolute() else folder / path
+        if path.is_dir() and not (path / "model_index.json").exists():
+            files = list(path.glob("*.safetensors"))
+            if len(files) == 1:
+                return files[0]
+        return path
+
+    def model_weights(self, folder: Path) -> list[Path]:
+        """BASE_MODEL's weight files (for the prefetch): the file, or a folder's safetensors."""
+        path = self.model_path(folder)
+        if path is None or not path.exists():
+            return []
+        return [path] if path.is_file() else sorted(path.glob("*/*.safetensors"))
+
+    def lightning_file(self, steps: int) -> str | None:
+        """The Lightning file that makes ``steps`` run: UNet, LoRA, or None (a merge)."""
+        if self.lightning_mode == "unet":
+            return CHECKPOINTS[steps]
+        return LORAS[steps] if self.lightning_mode == "lora" else None
 
     def files(self) -> list[RemoteFile]:
         """Every file this spec needs, in the order the loader reads them (encoders, VAE, UNet)."""
-        files = _base_files() + [_checkpoint_file(s) for s in self.steps]
+        files = (_own_model_files(self) if self.own_model
+                 else _base_files() + [_checkpoint_file(s) for s in self.steps])
         if self.safety_checker:
             files += [RemoteFile(f"safety_checker/{name}", SAFETY_REPO, SAFETY_REVISION, name)
                       for name in ("config.json", SAFETY_WEIGHTS)]
@@ -109,15 +171,22 @@ class ModelSpec:
 
     def describe(self) -> str:
         """For logs: "checkpoints [2, 4] + safety checker + tiny decoder"."""
+        if self.own_model:
+            return _describe_own(self) + (" + safety checker" if self.safety_checker else "") \
+                + (" + tiny decoder" if self.tiny_decoder else "")
         return f"checkpoints {list(self.steps)}" + (
             " + safety checker" if self.safety_checker else "") + (
             " + tiny decoder" if self.tiny_decoder else "")
 
     def builder_args(self) -> list[str]:
         """The builders' command-line arguments for this spec (``builder/__init__.py``)."""
-        return (["--steps", *map(str, self.steps)]
+        # A merge (mode none) needs no per-step file: any one step count names the same files.
+        steps = self.steps if self.lightning_mode != "none" else (4,)
+        return (["--steps", *map(str, steps)]
                 + (["--safety-checker"] if self.safety_checker else [])
-                + (["--tiny-decoder"] if self.tiny_decoder else []))
+                + (["--tiny-decoder"] if self.tiny_decoder else [])
+                + (["--base-model", self.base_model, "--lightning-mode", self.lightning_mode]
+                   if self.own_model else []))
 
 
 def _base_files() -> list[RemoteFile]:
@@ -140,3 +209,30 @@ def _checkpoint_file(steps: int) -> RemoteFile:
     """The Lightning UNet checkpoint for ``steps`` denoising steps."""
     name = CHECKPOINTS[steps]
     return RemoteFile(name, LIGHTNING_REPO, LIGHTNING_REVISION, name)
+
+
+def _own_model_files(spec: ModelSpec) -> list[RemoteFile]:
+    """With BASE_MODEL: SDXL base's configs and tokenizers only (the architecture
+    ``from_single_file`` is given, offline, and the scheduler config), not its weights: the
+    model brings its own. Plus the Lightning UNet or LoRA of each step count. The model itself
+    is not fetched here (``builder.download_weights --bake`` does that at build time)."""
+    files = [f for f in _base_files()
+             if f.repo == BASE_REPO and f.path.endswith((".json", ".txt"))]
+    # from_single_file's config folder: the pipeline index and SDXL base's own VAE config (the
+    # VAE a single file ships is SDXL's, which needs its force_upcast in fp16).
+    files += [RemoteFile(name, BASE_REPO, BASE_REVISION, name)
+              for name in ("model_index.json", "vae/config.json")]
+    names = {s: spec.lightning_file(s) for s in spec.steps}
+    files += [RemoteFile(n, LIGHTNING_REPO, LIGHTNING_REVISION, n) for n in names.values() if n]
+    return files
+
+
+def _describe_own(spec: ModelSpec) -> str:
+    """For logs: "model juggernaut.safetensors, Lightning LoRA for steps [4, 8] (scale 1)"."""
+    how = {"unet": "Lightning UNet", "lora": "Lightning LoRA", "none": "a Lightning merge"}
+    if spec.lightning_mode == "none":
+        return (f"model {spec.base_model} ({how['none']}, steps {spec.steps[0]}-"
+                f"{spec.steps[-1]})")
+    scale = f" (scale {spec.lora_scale:g})" if spec.lightning_mode == "lora" else ""
+    return (f"model {spec.base_model}, {how[spec.lightning_mode]} for steps "
+            f"{list(spec.steps)}{scale}")

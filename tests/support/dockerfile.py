@@ -86,8 +86,17 @@ def _arg(text: str) -> tuple[str, str | None]:
 
 
 def expand_args(text: str, values: dict[str, str | None]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)",
-                  lambda m: values.get(m.group(1) or m.group(2)) or "", text)
+    """Docker's substitutions: ``$V``, ``${V}``, ``${V:+word}`` (word if V is set and not
+    empty) and ``${V:-word}`` (V, or word if it is unset or empty)."""
+    def expand(m: re.Match[str]) -> str:
+        value = values.get(m.group(1) or m.group(4)) or ""
+        if m.group(2) == ":+":
+            return m.group(3) if value else ""
+        if m.group(2) == ":-":
+            return value or m.group(3)
+        return value
+
+    return re.sub(r"\$\{(\w+)(?:(:[+-])([^}]*))?\}|\$(\w+)", expand, text)
 
 
 def parse_dockerfile(text: str) -> Dockerfile:

@@ -189,16 +189,25 @@ def _raw(uri: str) -> str:
     return uri.split(",", 1)[1] if uri.startswith("data:") else uri
 
 
-def sd_models(steps: Sequence[int]) -> list[dict[str, Any]]:
-    """``GET /sdapi/v1/sd-models``: one entry per loaded Lightning checkpoint."""
-    return [{"title": CHECKPOINTS[s].removesuffix(".safetensors"),
-             "model_name": CHECKPOINTS[s].removesuffix(".safetensors"), "hash": None,
-             "sha256": None, "filename": CHECKPOINTS[s], "config": None} for s in steps]
+def sd_models(steps: Sequence[int],
+              served: dict[int, tuple[str, str | None]] | None = None) -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/sd-models``: one entry per loaded Lightning checkpoint; with BASE_MODEL
+    (``served``, ``pipeline.Engine.served``) the model and its Lightning file (a merge: once)."""
+    if served is None:
+        names = [CHECKPOINTS[s] for s in steps]
+    else:
+        names = list(dict.fromkeys(f"{served[s][0]} + {served[s][1]}" if served[s][1]
+                                   else served[s][0] for s in steps))
+    return [{"title": name.removesuffix(".safetensors"),
+             "model_name": name.removesuffix(".safetensors"), "hash": None,
+             "sha256": None, "filename": name, "config": None} for name in names]
 
 
-def options(steps: Sequence[int]) -> dict[str, Any]:
+def options(steps: Sequence[int],
+            served: dict[int, tuple[str, str | None]] | None = None) -> dict[str, Any]:
     """``GET /sdapi/v1/options``: what clients read on connect (the current checkpoint)."""
-    return {"sd_model_checkpoint": sd_models(steps)[-1]["title"], "sd_checkpoint_hash": None,
+    return {"sd_model_checkpoint": sd_models(steps, served)[-1]["title"],
+            "sd_checkpoint_hash": None,
             "samples_format": "png", "CLIP_stop_at_last_layers": 1}
 
 

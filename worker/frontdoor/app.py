@@ -187,11 +187,13 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> list[dict[str, Any]]:
-        return a1111.sd_models(_check_ready(backend).engine.steps)
+        engine = _check_ready(backend).engine
+        return a1111.sd_models(engine.steps, getattr(engine, "served", None))
 
     @app.get("/sdapi/v1/options")
     async def options() -> dict[str, Any]:
-        return a1111.options(_check_ready(backend).engine.steps)
+        engine = _check_ready(backend).engine
+        return a1111.options(engine.steps, getattr(engine, "served", None))
 
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict[str, Any]]:
