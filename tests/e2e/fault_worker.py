@@ -87,7 +87,7 @@ class Faults:
 
     def hold(self, prompt: str) -> None:
         if found := re.search(r"FAULT_WAIT_FOR:(\w+):(\d+)", prompt):
-            tag, count = f"[{found[1]}]", int(found[2])
+            tag, count = f"#{found[1]}#", int(found[2])
             (self.gates / f"{found[1]}.started").touch()
             wait_for(lambda: sum(tag in p for p in self.submitted) >= count,
                      f"{count} {tag} jobs")

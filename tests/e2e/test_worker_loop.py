@@ -289,13 +289,14 @@ class FaultRig:
     def batch_behind_gate(self, *inputs: dict[str, Any]) -> list[str]:
         """Jobs that reach the GPU as one batch: a gate job (another shape) takes the GPU first
         and holds it until all of them are queued behind it (MAX_CONCURRENCY - 1 at most: the
-        gate holds a slot). Their prompts get a [tag] the gate counts."""
+        gate holds a slot). Their prompts get a #tag# the gate counts (not [tag]: brackets are
+        prompt weighting, and weighted prompts batch only with identical ones)."""
         assert len(inputs) <= MAX_CONCURRENCY - 1
         tag = f"batch{self._next}"
         gate = self.add({"prompt": f"gate FAULT_WAIT_FOR:{tag}:{len(inputs)}", "width": 576,
                          "height": 512, "seed": 1})
         self.wait_started(tag)
-        ids = [self.add({**job_input, "prompt": f"{job_input['prompt']} [{tag}]"})
+        ids = [self.add({**job_input, "prompt": f"{job_input['prompt']} #{tag}#"})
                for job_input in inputs]
         self.settle([gate, *ids])
         assert f"FAULT_HOOK batch of {len(inputs)} image(s)" in self.worker.log()
