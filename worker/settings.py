@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas import MAX_GUIDANCE, MAX_LORA_ENTRIES, MAX_SIDE, MIN_SIDE, SCHEDULERS, SIDE_MULTIPLE
 from worker.errors import StartupError
+from worker.plan import schedulers_for
 from worker.spec import CHECKPOINTS, LORAS, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -334,3 +335,9 @@ class Settings(BaseModel):
                        else f"LIGHTNING_STEPS {','.join(map(str, steps))}")
             raise StartupError(f"DEFAULT_STEPS={self.default_steps} is not served: it must be "
                                f"within {allowed}")
+        if self.default_scheduler is not None and self.mode == "unet":
+            cannot = [s for s in steps if self.default_scheduler not in schedulers_for(s)]
+            if cannot:  # else every job that leaves the scheduler unset would be refused
+                raise StartupError(f"DEFAULT_SCHEDULER={self.default_scheduler} cannot run the "
+                                   f"{cannot[0]}-step checkpoint these LIGHTNING_STEPS load; "
+                                   f"use one of {', '.join(schedulers_for(cannot[0]))}")

@@ -121,6 +121,17 @@ class TestEmbeddings:
         assert same_state(state(engine), before)
 
 
+    def test_tokens_that_clash_with_anothers_expansion_are_the_callers_error(
+            self, engine: Engine, files: dict[str, Path]) -> None:
+        # Found in review: "<x>_1" beside a 2-vector "<x>" (which expands to <x> <x>_1) made
+        # diffusers raise ValueError on the GPU thread: an internal error and a new worker.
+        before = state(engine)
+        with pytest.raises(InputError, match="clash with another embedding's"):
+            engine.generate([plan("a <x>_1 and <x>", use(files["one"], ("<x>_1",)),
+                                  use(files["two"], ("<x>",)))])
+        assert same_state(state(engine), before)
+
+
 class TestThroughTheWorker:
     def test_echo_warning_and_plain_jobs_unchanged(self, job_runner: Callable[..., Run],
                                                    tiny_model_dir: Path,

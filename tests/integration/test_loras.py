@@ -272,6 +272,49 @@ class TestBadFiles:
         with pytest.raises(InputError, match="is not a safetensors file"):
             engine.generate([plan(use(path))])
 
+    @pytest.mark.parametrize("damage", ["alpha with two elements", "rank 0", "1-D factors"])
+    def test_a_malformed_lora_is_the_callers_error_not_a_worker_bug(
+            self, engine: Engine, tiny_model_dir: Path, tmp_path: Path, damage: str) -> None:
+        # Found in review: these raised ValueError/ZeroDivisionError/IndexError on the GPU
+        # thread: "internal error" and refresh_worker for any caller who sent such a file.
+        from safetensors.torch import load_file, save_file
+
+        path = make_tiny_model.write_kohya_lora(tmp_path / "bad.safetensors", tiny_model_dir)
+        state = load_file(path)
+        key = sorted(k for k in state if k.endswith(".lora_down.weight"))[0]
+        stem = key.removesuffix(".lora_down.weight")
+        if damage == "alpha with two elements":
+            state[f"{stem}.alpha"] = torch.tensor([1.0, 2.0])
+        elif damage == "rank 0":
+            state[key] = state[key][:0]
+            state[f"{stem}.lora_up.weight"] = state[f"{stem}.lora_up.weight"][:, :0]
+        else:
+            state[key] = state[key].flatten()
+        save_file(state, path)
+        with pytest.raises(InputError, match="loras file 'bad.safetensors'"):
+            engine.generate([plan(use(path))])
+
+    def test_two_loras_on_one_fused_weight_restore_it_exactly(self, fused: Engine) -> None:
+        # One at the Q rows of a fused to_qkv, one at the whole of it: row-slice backups
+        # restored in turn used to leave the first LoRA's delta in the shared weights.
+        from worker.engine import adapters
+
+        weight = next(p for n, p in fused.pipes[4].unet.named_parameters()
+                      if n.endswith("attn1.to_qkv.weight"))
+        original = weight.detach().clone()
+        rows, width = weight.shape[0] // 3, weight.shape[1]
+        q_only = adapters.LoadedLora("q", (adapters.Factor(
+            "unet", weight, slice(0, rows), torch.ones(rows, 1), torch.ones(1, width)),), 0)
+        whole = adapters.LoadedLora("qkv", (adapters.Factor(
+            "unet", weight, None, torch.ones(3 * rows, 1), torch.ones(1, width)),), 0)
+        bank = adapters.LoraBank(fused.device, fused.dtype)
+        loaded = {"q": q_only, "qkv": whole}
+        bank.get = lambda steps, pipe, lora: loaded[lora.sha256]  # type: ignore[method-assign]
+        uses = [LoraUse(path=n, file=n, sha256=n, scale=1.0) for n in ("q", "qkv")]
+        with bank.merged(4, fused.pipes[4], uses):
+            assert not torch.equal(weight, original)
+        assert torch.equal(weight, original)
+
     def test_a_bad_file_leaves_the_pipeline_clean(self, tiny_model_dir: Path,
                                                   lora_files: dict[str, Path]) -> None:
         engine = Engine.load(SPEC, tiny_model_dir)

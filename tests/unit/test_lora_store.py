@@ -82,6 +82,17 @@ class TestLocalFiles:
                                              r"pixel\.safetensors, styles/ink\.safetensors\)"):
             store.resolve(entries("nope.safetensors"))
 
+    @pytest.mark.parametrize(("name", "says"), [
+        ("a\x00b.safetensors", "without NUL"), ("x" * 300 + ".safetensors", "no such file"),
+        ("d/" * 600 + "a.safetensors", "at most 1024 characters")])
+    def test_an_unusable_name_is_the_callers_error(self, lora_dir: Path, tmp_path: Path,
+                                                   name: str, says: str) -> None:
+        # Found in review: NUL and over-long names raised ValueError/OSError: internal errors.
+        store = LoraStore(lora_dir, cache_dir=tmp_path / "cache")
+        with pytest.raises(InputError, match=r"^invalid input: loras\[0\]\.path=") as caught:
+            store.resolve(entries(name))
+        assert says in str(caught.value)
+
     def test_the_default_folder_is_on_the_volume_when_mounted(self, tmp_path: Path) -> None:
         assert default_lora_dir(tmp_path / "model", tmp_path / "novolume") == \
             tmp_path / "model" / "loras"

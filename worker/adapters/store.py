@@ -30,6 +30,8 @@ from worker.plan import EmbeddingUse, LoraUse
 log = logging.getLogger(__name__)
 
 VOLUME = Path("/runpod-volume")  # RunPod mounts the network volume here
+# A path inside LORA_DIR; each name in it is capped at 255 by the file system (caught below).
+MAX_NAME_CHARS = 1024
 SUFFIX = ".safetensors"
 # A 1 GB file at the ~10 MB/s a slow origin gives takes ~100 s; past 3 minutes the job has
 # waited longer than any client does.
@@ -131,14 +133,25 @@ class LoraStore:
     def _local(self, given: str, field_name: str) -> Path:
         """A file inside LORA_DIR; the name may hold sub-folders but never leave the folder."""
         root = self.lora_dir.resolve()
-        candidate = (root / given).resolve()
+        if "\x00" in given or len(given) > MAX_NAME_CHARS:
+            raise InputError(f"invalid input: {field_name}={shown(given, 80)} is invalid: a "
+                             f"file name of at most {MAX_NAME_CHARS} characters, without NUL")
+        try:
+            candidate = (root / given).resolve()
+        except (OSError, ValueError) as exc:  # e.g. a component past the file system's limit
+            raise InputError(f"invalid input: {field_name}={shown(given, 80)} is not a usable "
+                             f"file name ({type(exc).__name__})") from None
         if not given.endswith(SUFFIX):
             raise InputError(f"invalid input: {field_name}={shown(given, 80)} is invalid: only "
                              f"{SUFFIX} files are accepted")
         if Path(given).is_absolute() or not candidate.is_relative_to(root):
             raise InputError(f"invalid input: {field_name}={shown(given, 80)} leaves the LoRA "
                              f"folder: give a file name inside it, or an https URL")
-        if not candidate.is_file():
+        try:
+            present = candidate.is_file()
+        except (OSError, ValueError):  # ENAMETOOLONG and the like: no such file either
+            present = False
+        if not present:
             available = sorted(p.relative_to(root).as_posix() for p in root.rglob(f"*{SUFFIX}")
                                )[:10] if root.is_dir() else []
             raise InputError(f"invalid input: {field_name}={shown(given, 80)}: no such file in "

@@ -248,9 +248,17 @@ class LoraBank:
         key = (steps, bool(getattr(pipe.unet, FUSED_FOR_GOOD, False)), use.sha256)
         loaded = self._loaded.get(key)
         if loaded is None:
-            # the config itself: diffusers reads SGM block names through its attributes
-            found = normalise(read_state(Path(use.file), use.path), pipe.unet.config, use.path)
-            loaded = build_factors(pipe, found, use.path, self.device, self.dtype)
+            try:
+                # the config itself: diffusers reads SGM block names through its attributes
+                found = normalise(read_state(Path(use.file), use.path), pipe.unet.config,
+                                  use.path)
+                loaded = build_factors(pipe, found, use.path, self.device, self.dtype)
+            except (InputError, torch.OutOfMemoryError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a malformed file is the caller's
+                # e.g. a multi-element alpha, a rank-0 pair, 1-D factors: never a worker bug
+                raise _fail(use.path, f"could not be read as a LoRA ({type(exc).__name__}: "
+                                      f"{shown(str(exc), 100)})") from None
             self.loads += 1
             self._loaded.put(key, loaded)
             log.info("LoRA %s… loaded: %d layers, %.1f MB", use.sha256[:12],
@@ -263,25 +271,26 @@ class LoraBank:
         """``uses`` merged into the pipeline's weights inside the block, the originals copied
         back when it ends, however it ends. Scale 0 adds nothing (bit-identical to none)."""
         active = [(self.get(steps, pipe, use), use.scale) for use in uses if use.scale != 0]
-        backups: dict[tuple[int, int | None], tuple[torch.Tensor, slice | None, torch.Tensor]]
-        backups = {}
+        # One backup per weight, whole, taken before any delta touches it: two LoRAs may aim
+        # at the same fused to_qkv (one at its Q rows, one at all of it), and row-slice
+        # backups restored in turn would then put one LoRA's delta back.
+        backups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         try:
             with torch.no_grad():
                 for lora, scale in active:
                     for factor in lora.factors:
-                        key = (id(factor.weight), None if factor.rows is None
-                               else factor.rows.start)
+                        if id(factor.weight) not in backups:
+                            backups[id(factor.weight)] = (factor.weight.data,
+                                                          factor.weight.data.clone())
                         target = (factor.weight.data if factor.rows is None
                                   else factor.weight.data[factor.rows])
-                        if key not in backups:
-                            backups[key] = (factor.weight.data, factor.rows, target.clone())
                         target.copy_((target.float() + factor.delta(scale).reshape(
                             target.shape)).to(target.dtype))
             yield
         finally:
             with torch.no_grad():
-                for data, rows, original in backups.values():
-                    (data if rows is None else data[rows]).copy_(original)
+                for data, original in backups.values():
+                    data.copy_(original)
 
 
 def loaded_count(bank: LoraBank) -> int:
@@ -349,6 +358,7 @@ class EmbeddingBank:
         encoders = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
         widths = tuple(encoder.get_input_embeddings().embedding_dim for encoder, _ in encoders)
         added: list[list[str]] = [[], []]
+        vocab_before = [set(tokenizer.get_vocab()) for _, tokenizer in encoders]
         try:
             for use in uses:
                 vectors = self._vectors.get(use.sha256)
@@ -358,19 +368,26 @@ class EmbeddingBank:
                     self._vectors.put(use.sha256, vectors)
                 check_tokens(use, vectors["clip_l"].shape[0])
                 tokens = list(use.tokens) if len(use.tokens) > 1 else use.tokens[0]
-                for index, ((encoder, tokenizer), key) in enumerate(zip(
-                        encoders, SDXL_EMBEDDING_KEYS, strict=True)):
+                for (encoder, tokenizer), key in zip(encoders, SDXL_EMBEDDING_KEYS,
+                                                     strict=True):
                     if any(t in tokenizer.get_vocab() for t in use.tokens):
                         raise InputError(f"invalid input: embeddings: a token of "
                                          f"{shown(use.path, 80)} is already a word of the "
                                          f"vocabulary ({', '.join(map(shown, use.tokens))}); "
                                          f"choose tokens such as <name>")
-                    before = set(tokenizer.get_vocab())
-                    pipe.load_textual_inversion(vectors[key].to(encoder.dtype), token=tokens,
-                                                text_encoder=encoder, tokenizer=tokenizer)
-                    added[index] += sorted(set(tokenizer.get_vocab()) - before)
+                    try:
+                        pipe.load_textual_inversion(vectors[key].to(encoder.dtype),
+                                                    token=tokens, text_encoder=encoder,
+                                                    tokenizer=tokenizer)
+                    except ValueError as exc:  # e.g. "x_1" given and "x" (-> x_1, x_2) too
+                        raise InputError(f"invalid input: embeddings: the tokens of "
+                                         f"{shown(use.path, 80)} clash with another "
+                                         f"embedding's ({shown(str(exc), 120)})") from None
             yield
         finally:
+            # Whatever was added, even by a load that failed half way (the snapshot is older).
+            for index, (_, tokenizer) in enumerate(encoders):
+                added[index] = sorted(set(tokenizer.get_vocab()) - vocab_before[index])
             for (encoder, tokenizer), tokens in zip(encoders, added, strict=True):
                 if tokens:
                     pipe.unload_textual_inversion(tokens, tokenizer=tokenizer,

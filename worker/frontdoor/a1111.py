@@ -114,7 +114,10 @@ def job_input(body: Any, mode: str) -> tuple[dict[str, Any], list[str]]:
                          f" for /sdapi/v1/{mode}: A1111's fields are accepted, see the README")
     warnings = [f"{name} was ignored: this worker does not run it" for name, off in
                 FEATURES.items() if body.get(name, off) not in (off, None)]
-    job: dict[str, Any] = {"prompt": body.get("prompt", ""), "scheduler": _sampler(body)}
+    job: dict[str, Any] = {"prompt": body.get("prompt", "")}
+    if body.get("sampler_name") or body.get("sampler_index") or body.get("scheduler") not in (
+            None, "", "automatic"):  # else the worker's own default (DEFAULT_SCHEDULER) applies
+        job["scheduler"] = _sampler(body)
     if body.get("negative_prompt"):
         job["negative_prompt"] = body["negative_prompt"]
     seed = body.get("seed", -1)
@@ -166,7 +169,7 @@ def images_response(body: Mapping[str, Any], output: Mapping[str, Any],
                 f"{params['num_inference_steps']}, Sampler: {sampler}, Schedule type: "
                 f"{'Karras' if sampler.endswith('Karras') else 'SGM Uniform'}, CFG scale: "
                 f"{params['guidance_scale']:g}, Seed: {{seed}}, Size: {params['width']}x"
-                f"{params['height']}, Model: {params['checkpoint']}")
+                f"{params['height']}, Model: {params['checkpoint'] or params['model']}")
     info = {
         "prompt": params["prompt"], "all_prompts": [params["prompt"]] * len(seeds),
         "negative_prompt": negative, "all_negative_prompts": [negative] * len(seeds),
@@ -174,7 +177,8 @@ def images_response(body: Mapping[str, Any], output: Mapping[str, Any],
         "subseed_strength": 0, "width": params["width"], "height": params["height"],
         "sampler_name": sampler, "cfg_scale": params["guidance_scale"],
         "steps": params["num_inference_steps"], "batch_size": len(seeds),
-        "restore_faces": False, "sd_model_name": params["checkpoint"], "sd_model_hash": None,
+        "restore_faces": False, "sd_model_name": params["checkpoint"] or params["model"],
+        "sd_model_hash": None,
         "denoising_strength": params["strength"], "styles": [], "clip_skip": 1,
         "infotexts": [infotext.replace("{seed}", str(seed)) for seed in seeds],
         "version": MODEL_NAME, "warnings": [*warnings, *output.get("warnings", [])],
