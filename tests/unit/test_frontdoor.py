@@ -87,6 +87,14 @@ class TestOpenAIMapping:
                                              [b"img"], None, False)
         assert job["num_images"] == 2 and job["seed"] == deep  # then schemas refuses it
 
+    def test_models_name_the_operators_own_model(self) -> None:
+        assert [m["id"] for m in openai_images.models_list()["data"]] == [
+            "ByteDance/SDXL-Lightning"]
+        served = {4: ("juggernaut.safetensors sha256:ab12", "lora 4-step"),
+                  8: ("juggernaut.safetensors sha256:ab12", "lora 8-step")}
+        assert [m["id"] for m in openai_images.models_list(served)["data"]] == [
+            "juggernaut.safetensors sha256:ab12"]
+
     def test_withheld_images_are_left_out_with_a_warning(self) -> None:
         body, withheld = openai_images.images_response(OUTPUT, "b64_json", created=1)
         assert body["data"] == [{"b64_json": "AAAA"}]

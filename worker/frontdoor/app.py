@@ -175,7 +175,8 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return openai_images.models_list()
+        engine = backend.service.engine if backend.service is not None else None
+        return openai_images.models_list(getattr(engine, "served", None))
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request) -> JSONResponse:

@@ -191,10 +191,14 @@ def images_response(output: Mapping[str, Any], response_format: str,
     return body, withheld
 
 
-def models_list() -> dict[str, Any]:
-    """``GET /v1/models``: the one model this endpoint serves."""
-    return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model",
-                                        "created": MODEL_CREATED, "owned_by": "bytedance"}]}
+def models_list(served: Mapping[int, tuple[str, str | None]] | None = None) -> dict[str, Any]:
+    """``GET /v1/models``: the model this endpoint serves (BASE_MODEL's name when one is set:
+    ``pipeline.Engine.served``, step count -> (model, Lightning file))."""
+    names = list(dict.fromkeys(model for model, _ in served.values())) if served else [
+        MODEL_NAME]
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": MODEL_CREATED,
+                                        "owned_by": "bytedance" if name == MODEL_NAME
+                                        else "operator"} for name in names]}
 
 
 def param_of(message: str) -> str | None:
