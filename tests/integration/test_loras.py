@@ -294,6 +294,17 @@ class TestBadFiles:
         with pytest.raises(InputError, match="loras file 'bad.safetensors'"):
             engine.generate([plan(use(path))])
 
+    def test_a_file_evicted_while_queued_is_the_workers_failure_not_the_callers(
+            self, engine: Engine, tiny_model_dir: Path, tmp_path: Path) -> None:
+        from worker.errors import JobError
+
+        path = make_tiny_model.write_kohya_lora(tmp_path / "gone.safetensors", tiny_model_dir,
+                                                seed=9)
+        job = plan(use(path))
+        path.unlink()  # the download cache's eviction, between prepare and the GPU
+        with pytest.raises(JobError, match="left the download cache while the job was queued"):
+            engine.generate([job])
+
     def test_two_loras_on_one_fused_weight_restore_it_exactly(self, fused: Engine) -> None:
         # One at the Q rows of a fused to_qkv, one at the whole of it: row-slice backups
         # restored in turn used to leave the first LoRA's delta in the shared weights.

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from worker.adapters.cache import Lru
 from worker.engine.loading import FUSED_FOR_GOOD
-from worker.errors import InputError, shown
+from worker.errors import InputError, JobError, shown
 from worker.plan import EmbeddingUse, LoraUse
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # Loaded LoRAs kept on the device. A rank-32 SDXL LoRA's factors are ~93 MB in fp16 (notes,
 # section 2); 8 of them is under 1 GB next to a 5 GB UNet, and livepeer keeps 12 resident.
 MEMORY_SLOTS = 8
+MEMORY_BYTES = 4e9  # the LoRA bank's GPU memory: ~4 GB beside a 24 GB card's 7 GB of weights
 # Key endings of the LoRA formats diffusers' loader emits or reads, and which factor each is.
 _ROLES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"),
           (".lora.down.weight", "down"), (".lora.up.weight", "up"),
@@ -89,6 +90,9 @@ def _fail(name: str, what: str) -> InputError:
 
 def read_state(path: Path, name: str) -> dict[str, torch.Tensor]:
     """The file's tensors (safetensors only: pickle never runs caller code here)."""
+    if not path.exists():  # resolved when the job was prepared, evicted from the cache since
+        raise JobError(f"the LoRA {shown(name, 80)} left the download cache while the job was "
+                       f"queued (LORA_CACHE_GB is too small for the LoRAs in use); try again")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -239,7 +243,10 @@ class LoraBank:
     def __init__(self, device: torch.device, dtype: torch.dtype,
                  slots: int = MEMORY_SLOTS) -> None:
         self.device, self.dtype = device, dtype
-        self._loaded: Lru[tuple[int, bool, str], LoadedLora] = Lru(limit=slots, size=lambda _: 1)
+        # Slots and bytes both bound the bank: factors are fp32 on the GPU (a 1 GB fp16 file
+        # is ~2 GB here), so a count alone could hold tens of GB.
+        self._loaded: Lru[tuple[int, bool, str], LoadedLora] = Lru(
+            limit=slots, size=lambda lora: max(1.0, slots * lora.nbytes / MEMORY_BYTES))
         self.loads = 0  # files read and converted: what the tests and the benchmark count
 
     def get(self, steps: int, pipe: StableDiffusionXLPipeline, use: LoraUse) -> LoadedLora:
@@ -253,7 +260,7 @@ class LoraBank:
                 found = normalise(read_state(Path(use.file), use.path), pipe.unet.config,
                                   use.path)
                 loaded = build_factors(pipe, found, use.path, self.device, self.dtype)
-            except (InputError, torch.OutOfMemoryError):
+            except (InputError, JobError, torch.OutOfMemoryError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a malformed file is the caller's
                 # e.g. a multi-element alpha, a rank-0 pair, 1-D factors: never a worker bug
