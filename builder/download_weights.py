@@ -24,7 +24,6 @@ reports as ``parameters.model``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import logging
@@ -39,7 +38,7 @@ import urllib.request
 from pathlib import Path
 
 from builder import add_spec_arguments, spec_from_args
-from worker.spec import ModelSpec, RemoteFile
+from worker.spec import ModelSpec, RemoteFile, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +199,6 @@ REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Per component folder of a diffusers repo: configs and tokenizer files, and the weights as
 # safetensors only (a pickled .bin can run code when read; .onnx/.msgpack are other runtimes).
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
-HASH_CHUNK = 16 << 20
 
 
 def parse_source(source: str) -> tuple[str, str, str | None] | str:
@@ -266,13 +264,6 @@ def diffusers_files(names: list[str], source: str) -> list[str]:
                                 f"(.bin); the worker loads safetensors only")
     return list(dict.fromkeys(chosen))
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def bake(model_dir: Path, source: str, endpoint: str | None = None, **kwargs: float) -> str:

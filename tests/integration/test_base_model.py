@@ -22,7 +22,7 @@ from worker.engine import base_model
 from worker.errors import StartupError
 from worker.plan import warmup_plan
 from worker.settings import Settings
-from worker.spec import CHECKPOINTS, LORAS, ModelSpec
+from worker.spec import CHECKPOINTS, LORAS, ModelSpec, sha256_of
 
 CPU = torch.device("cpu")
 
@@ -182,7 +182,7 @@ class TestReporting:
     def test_parameters_name_the_model_its_hash_and_the_lightning_file(self,
                                                                        own_dir: Path) -> None:
         engine = load(own_dir, FINETUNE_FILE, "lora", steps=(2, 4), scale=0.75)
-        digest = base_model.sha256_of(own_dir / FINETUNE_FILE)
+        digest = sha256_of(own_dir / FINETUNE_FILE)
         plan = warmup_plan(4, 512, 512).with_served(engine.served)
         params = plan.parameters()
         assert params["model"] == f"{FINETUNE_FILE} sha256:{digest}"
@@ -340,7 +340,7 @@ class TestJobFlow:
         params = defaults.reply["parameters"]
         assert (params["num_inference_steps"], params["guidance_scale"],
                 params["scheduler"]) == (5, 1.5, "DDIM")
-        digest = base_model.sha256_of(own_dir / FINETUNE_FILE)
+        digest = sha256_of(own_dir / FINETUNE_FILE)
         assert params["model"] == f"{FINETUNE_FILE} sha256:{digest}"
         assert params["checkpoint"] is None
         assert chosen.reply["parameters"]["num_inference_steps"] == 5  # 9 -> nearest served

@@ -26,6 +26,7 @@ from worker.adapters.cache import Lru
 from worker.errors import MIB, InputError, shown
 from worker.inputs.fetch import FetchLimits, fetch
 from worker.plan import EmbeddingUse, LoraUse
+from worker.spec import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ SUFFIX = ".safetensors"
 # A 1 GB file at the ~10 MB/s a slow origin gives takes ~100 s; past 3 minutes the job has
 # waited longer than any client does.
 DOWNLOAD_TIMEOUT_S = 180.0
-_HASH_CHUNK = 1 << 20
 
 Fetcher = Callable[[str, FetchLimits], bytes]
 
@@ -48,13 +48,6 @@ def default_lora_dir(model_dir: Path | None, volume: Path = VOLUME) -> Path:
         return volume / "loras"
     return (model_dir or Path.cwd()) / "loras"
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

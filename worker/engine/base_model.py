@@ -24,7 +24,6 @@ start), else the folder's name.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import struct
@@ -37,7 +36,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from worker.engine import loading
 from worker.errors import StartupError
-from worker.spec import ModelSpec
+from worker.spec import ModelSpec, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,6 @@ FAMILIES = {"StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
             "StableCascadeCombinedPipeline": "Stable Cascade", "PixArtSigmaPipeline": "PixArt"}
 WHAT_WORKS = ("this worker serves SDXL 1.0-architecture models (fine-tunes, merges) as a "
               "diffusers folder or one .safetensors file")
-HASH_CHUNK = 16 << 20
 
 
 def model_path(spec: ModelSpec, folder: Path) -> Path:
@@ -193,13 +191,6 @@ def identity(spec: ModelSpec, folder: Path) -> str:
         return f"{path.name} sha256:{digest}"
     return f"{path.name} (folder, no revision recorded)"
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_label(spec: ModelSpec, steps: int) -> str | None:
