@@ -353,13 +353,16 @@ class Engine:
         if first.mode == "inpaint":
             kwargs["mask_image"] = [p.mask_image for p, _ in rows]
         pipe = self.view(first.steps, first.mode, first.scheduler)
-        estimate = _Estimate(pipe.scheduler) if on_step is not None else None
+        # The scheduler's step is wrapped only when a preview is wanted: progress alone needs
+        # nothing from it.
+        previewer = (self.previewer if on_step is not None and any(p.preview for p in plans)
+                     else None)
+        estimate = _Estimate(pipe.scheduler) if previewer is not None else None
         if on_step is not None:
-            previewer = self.previewer if any(p.preview for p in plans) else None
-
             def callback(pipe_: DiffusionPipeline, i: int, t: object, tensors: dict) -> dict:
-                latents = estimate.x0 if estimate.x0 is not None else tensors["latents"]
-                on_step(i + 1, pipe_.num_timesteps, None if previewer is None else (
+                latents = None if estimate is None else (
+                    estimate.x0 if estimate.x0 is not None else tensors["latents"])
+                on_step(i + 1, pipe_.num_timesteps, None if latents is None else (
                     lambda index: preview_jpeg(previewer, latents[index:index + 1])))
                 return tensors
 
