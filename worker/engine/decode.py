@@ -9,7 +9,6 @@ TAESDXL. Also the per-step previews: the current estimate as a small JPEG, by TA
 
 from __future__ import annotations
 
-import io
 import logging
 
 import torch
@@ -17,6 +16,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 
 from worker.errors import JobError
+from worker.outputs import encoding
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,14 @@ def decode_latents(vae: AutoencoderKL | AutoencoderTiny,
             pixels = _decode_fp32(vae, one)
         if not _usable(pixels):
             raise BadOutputError
-        array = (pixels[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        images.append(Image.fromarray(array))
+        images.append(_to_image(pixels))
     return images
+
+
+def _to_image(pixels: torch.Tensor) -> Image.Image:
+    """One image's pixels in [0, 1], NCHW, as an 8-bit RGB image."""
+    return Image.fromarray(
+        (pixels[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
 
 
 # Previews are for watching an image form, not for use: a small, quickly encoded JPEG.
@@ -79,10 +84,6 @@ def preview_jpeg(decoder: AutoencoderTiny, latents: torch.Tensor) -> bytes:
     """One image's latents (the current estimate) as a JPEG of at most 256 px a side, by
     TAESDXL (a few ms on a GPU; never the full VAE, which would cost as much as the step)."""
     with torch.inference_mode():
-        pixels = _decode(decoder, latents)
-    array = (pixels[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    image = Image.fromarray(array)
+        image = _to_image(_decode(decoder, latents))
     image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=PREVIEW_QUALITY)
-    return buffer.getvalue()
+    return encoding.encode(image, "jpeg", PREVIEW_QUALITY)

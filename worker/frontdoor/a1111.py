@@ -18,6 +18,7 @@ from typing import Any
 
 from schemas import MAX_IMAGES
 from worker.errors import InputError, shown
+from worker.outputs import encoding
 from worker.spec import CHECKPOINTS, MODEL_NAME
 
 log = logging.getLogger(__name__)
@@ -184,13 +185,10 @@ def images_response(body: Mapping[str, Any], output: Mapping[str, Any],
         "version": MODEL_NAME, "warnings": [*warnings, *output.get("warnings", [])],
     }
     echoed = {**body, "init_images": None, "mask": None} if "init_images" in body else dict(body)
-    return {"images": [_raw(item["image"]) for item in kept],
+    # A1111 clients b64decode the string as it is: no ``data:`` prefix.
+    return {"images": [encoding.base64_payload(item["image"]) for item in kept],
             "parameters": echoed, "info": json.dumps(info)}
 
-
-def _raw(uri: str) -> str:
-    """A1111 clients b64decode the string as is: no ``data:`` prefix."""
-    return uri.split(",", 1)[1] if uri.startswith("data:") else uri
 
 
 def sd_models(steps: Sequence[int],

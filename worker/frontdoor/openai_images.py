@@ -21,6 +21,7 @@ from typing import Any
 
 from schemas import MAX_IMAGES, RULES
 from worker.errors import InputError, shown
+from worker.outputs import encoding
 from worker.spec import MODEL_NAME
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def images_response(output: Mapping[str, Any], response_format: str,
         elif response_format == "url":
             data.append({"url": uri})
         else:  # b64_json: raw base64, without our data-URI prefix
-            data.append({"b64_json": uri.split(",", 1)[1] if uri.startswith("data:") else uri})
+            data.append({"b64_json": encoding.base64_payload(uri)})
     if not data:
         raise OpenAIFieldError("prompt", "every image was withheld by the safety checker "
                                          "(content_policy_violation)")

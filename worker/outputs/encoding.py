@@ -84,6 +84,12 @@ def data_uri(data: bytes, fmt: str | None = None) -> str:
     return f"data:{MIME_TYPES[found]};base64,{pybase64.b64encode(data).decode('ascii')}"
 
 
+def base64_payload(uri: str) -> str:
+    """The base64 of a ``data_uri`` (APIs that carry raw base64: OpenAI's ``b64_json``,
+    A1111's ``images``); anything else (a bucket URL) as it is."""
+    return uri.split(",", 1)[1] if uri.startswith("data:") else uri
+
+
 def _rgb_image(image: Image.Image) -> Image.Image:
     """``image`` in mode RGB, after checking its size."""
     _check_size(image.width, image.height)
