@@ -22,7 +22,8 @@ prefetch.start_from_env()  # reads the weights into the page cache while torch i
 import logging
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from worker.errors import StartupError
 from worker.outputs import encoding
@@ -31,6 +32,7 @@ from worker.service import Service
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def progress_reporter(job: dict[str, Any], plan: Plan) -> StepCallback | None:
@@ -58,31 +60,24 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
     return outcome.reply
 
 
-def _settings_or_exit() -> Settings:
-    runtime.configure_logging()
+def _or_exit(step: Callable[[], T]) -> T:
+    """A start-up step, or its one-line reason in the log and a non-zero exit."""
     try:
-        return Settings.from_env()
+        return step()
     except StartupError as exc:
         log.error("worker cannot start: %s", exc)
         sys.exit(1)
 
 
-def _service_or_exit(settings: Settings) -> Service:
-    try:
-        return startup.assemble(settings)
-    except StartupError as exc:
-        log.error("worker cannot start: %s", exc)
-        sys.exit(1)
-
-
-SETTINGS = _settings_or_exit()
+runtime.configure_logging()
+SETTINGS = _or_exit(Settings.from_env)
 if SETTINGS.worker_mode == "queue":
     # torch and diffusers load only here: HTTP mode listens first (its /ping answers 204 while
     # they import and the model loads in the background).
     import runpod
 
     from worker import startup
-    SERVICE = _service_or_exit(SETTINGS)
+    SERVICE = _or_exit(lambda: startup.assemble(SETTINGS))
     ENGINE, DELIVERY, GPU = SERVICE.engine, SERVICE.delivery, SERVICE.gpu
 
 
